@@ -35,9 +35,8 @@ engine's `--finetune-epochs` fine-tunes the model at the center before testing.
 
 Communication: down, the body, the M endpoints and the bias; up, the same. The assignment's extra
 traffic (for each client not sampled in round `tau`: one download of the model and one upload of
-its endpoints) happens outside the engine's per-client counters, so it is reported in the
-summary as `floco_signal_down_bytes` / `floco_signal_up_bytes` (and, since it runs inside
-`aggregate`, its local training is timed as server work).
+its endpoints) is added to the run's byte totals through `Context.count_traffic`; since it runs
+inside `aggregate`, its local training is timed as server work.
 
 With M = 1 the single endpoint is the model's initial head, every alpha is (1), no assignment
 happens, and Floco is exactly FedAvg.
@@ -58,10 +57,9 @@ with the model's default linear init, U(-1/sqrt(D), 1/sqrt(D)), from a generator
 run's seed. FL-bench collects the signals in an extra full round at round tau (its sampled clients
 train twice); we follow the authors' Flower code.
 
-Engine note: the endpoints must travel in the global state from round 1 (so their bytes are
-counted), so the simplex layer (`SimplexHead`) is registered on the shared model as the submodule
-`floco` (keys `floco.endpoints`, `floco.bias`), outside `body` and `head`; the model's own forward
-and its `head` are not used (the head stays in the global state, never sent or trained).
+Model: the algorithm replaces the model's linear `head` by a `SimplexHead` (parameters
+`head.endpoints` and `head.bias`, the point alpha a buffer) before the engine reads the model's
+state, so the endpoints travel and are averaged as ordinary head parameters.
 """
 
 from __future__ import annotations
@@ -74,8 +72,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pflbench.algorithm import Algorithm, Upload
+from pflbench.errors import UserError
 from pflbench.registry import register_algorithm
-from pflbench.state import State, nbytes, set_state, subset
+from pflbench.state import State, nbytes, set_state
 from pflbench.training import TrainStats, stream_seed
 
 MAX_BATCHES = 10_000
@@ -83,7 +82,8 @@ MIN_ACCEPTANCE = 0.005  # see snap_center
 
 
 class SimplexHead(nn.Module):
-    """A linear layer whose weight is a point of the simplex spanned by `endpoints` matrices."""
+    """A linear layer whose weight is the point `alpha` (a buffer) of the simplex spanned by
+    `endpoints` weight matrices: W(alpha) = sum_m alpha_m W_m, one shared bias."""
 
     def __init__(self, head: nn.Linear, endpoints: int, generator: torch.Generator):
         super().__init__()
@@ -94,32 +94,19 @@ class SimplexHead(nn.Module):
         for m in range(1, endpoints):
             weights[m] = (torch.rand(out_features, in_features, generator=generator, dtype=torch.float64)
                           * 2 - 1).mul_(bound).to(weights.dtype)
-        self.endpoints = nn.Parameter(weights.to(head.weight.device))
+        device = head.weight.device
+        self.endpoints = nn.Parameter(weights.to(device))
         bias = head.bias.detach().clone() if head.bias is not None else torch.zeros(out_features)
-        self.bias = nn.Parameter(bias.to(head.weight.device))
+        self.bias = nn.Parameter(bias.to(device))
+        self.register_buffer("alpha", torch.full((endpoints,), 1.0 / endpoints, device=device))
 
-    def weight(self, alpha: torch.Tensor) -> torch.Tensor:
+    def weight(self) -> torch.Tensor:
         if self.endpoints.shape[0] == 1:
             return self.endpoints[0]
-        return torch.einsum("m,mcd->cd", alpha, self.endpoints)
+        return torch.einsum("m,mcd->cd", self.alpha, self.endpoints)
 
-    def forward(self, features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        return F.linear(features, self.weight(alpha), self.bias)
-
-
-class FlocoNet(nn.Module):
-    """body -> simplex layer at a fixed point `alpha` (the evaluated model)."""
-
-    def __init__(self, body: nn.Module, simplex: SimplexHead):
-        super().__init__()
-        self.body = body
-        self.simplex = simplex
-        self.register_buffer("alpha", torch.full((simplex.endpoints.shape[0],),
-                                                 1.0 / simplex.endpoints.shape[0],
-                                                 device=simplex.endpoints.device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.simplex(self.body(x), self.alpha)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight(), self.bias)
 
 
 # -- the simplex: sampling and projection --------------------------------------------------------
@@ -272,22 +259,14 @@ class Floco(Algorithm):
                 raise ValueError(f"tau must be >= 1 (or -1 for half the rounds) (got {self.tau})")
 
     def __init__(self, ctx, hp):
-        super().__init__(ctx, hp)
         if not isinstance(ctx.model.head, nn.Linear):
-            raise ValueError("floco needs a model whose head is one nn.Linear layer")
+            raise UserError("floco needs a model whose head is one linear layer")
         gen = torch.Generator().manual_seed(stream_seed(ctx.config.seed, "floco-endpoints"))
-        self.simplex = SimplexHead(ctx.model.head, hp.endpoints, gen)
-        ctx.model.add_module("floco", self.simplex)  # so the endpoints are in the global state
-        self.net = FlocoNet(ctx.model.body, self.simplex)
-        self.simplex_keys = ("floco.endpoints", "floco.bias")
-        self.sent_keys = self.body_keys + self.simplex_keys
+        ctx.model.head = SimplexHead(ctx.model.head, hp.endpoints, gen)
+        super().__init__(ctx, hp)
         self.tau = hp.tau if hp.tau > 0 else max(1, ctx.config.rounds // 2)
         self.centers: torch.Tensor | None = None  # (clients, M) float64, once assigned
         self.round = 0
-        self.signal_bytes = {"up": 0, "down": 0}
-
-    def download_keys(self, cid: int) -> tuple[str, ...]:
-        return self.sent_keys
 
     # -- alphas ----------------------------------------------------------------------------------
     def center(self, cid: int) -> torch.Tensor:
@@ -310,23 +289,17 @@ class Floco(Algorithm):
     def begin_round(self, round_: int, sampled: list[int]) -> None:
         self.round = round_
 
-    def client_start(self, cid: int, global_state: State) -> State:
-        return subset(global_state, self.sent_keys)
-
     def local_train(self, cid: int, model: nn.Module, round_: int) -> TrainStats:
         trainer, epochs = self.ctx.trainer, self.ctx.config.local_epochs
         steps = epochs * math.ceil(self.ctx.clients[cid].n_train / trainer.batch_size)
         alphas = iter(self.alphas(cid, round_, steps).to(self.ctx.device, torch.float32).unbind(0))
-        simplex = self.simplex
+        alpha = model.head.alpha
 
         def loss_fn(net, x, y):
-            return F.cross_entropy(simplex(net.body(x), next(alphas)), y)
+            alpha.copy_(next(alphas))
+            return F.cross_entropy(net(x), y)
 
-        params = self.params_of(model, self.body_keys) + list(simplex.parameters())
-        return trainer.sgd(model, cid, epochs, round_, params=params, loss_fn=loss_fn)
-
-    def upload(self, cid: int, trained: State) -> State:
-        return subset(trained, self.sent_keys)
+        return trainer.sgd(model, cid, epochs, round_, loss_fn=loss_fn)
 
     def aggregate(self, uploads: list[Upload], global_state: State) -> State:
         if self.round == self.tau and self.hp.endpoints > 1 and self.centers is None:
@@ -335,29 +308,27 @@ class Floco(Algorithm):
 
     def assign(self, uploads: list[Upload], global_state: State) -> None:
         """Collect every client's endpoint pseudo-gradient of this round and project the clients."""
-        key = "floco.endpoints"
+        key = "head.endpoints"
         start = global_state[key]
-        signals = {u.cid: (start - u.payload[key]).flatten() for u in uploads if key in u.payload}
-        sent = subset(global_state, self.sent_keys)
+        signals = {u.cid: (start - u.payload[key]).flatten() for u in uploads}
+        model = self.ctx.model
         for cid in range(len(self.ctx.clients)):
             if cid in signals:
                 continue
-            set_state(self.ctx.model, sent)
-            self.local_train(cid, self.ctx.model, self.round)
-            signals[cid] = (start - self.simplex.endpoints.detach()).flatten()
-            self.signal_bytes["down"] += nbytes(sent)
-            self.signal_bytes["up"] += start.numel() * start.element_size()
+            set_state(model, global_state)
+            self.local_train(cid, model, self.round)
+            signals[cid] = (start - model.head.endpoints.detach()).flatten()
+            self.ctx.count_traffic(down=nbytes(global_state), up=nbytes({key: start}))
         stacked = torch.stack([signals[c] for c in range(len(self.ctx.clients))]).cpu()
         centers = assign_centers(stacked, self.hp.endpoints)
         gen = torch.Generator().manual_seed(stream_seed(self.ctx.config.seed, "floco-snap"))
         self.centers = torch.stack([snap_center(c, self.hp.rho, gen) for c in centers])
 
     def eval_model(self, cid: int, global_state: State) -> nn.Module:
-        set_state(self.ctx.model, subset(global_state, self.sent_keys))
-        self.net.alpha.copy_(self.center(cid).to(self.net.alpha.dtype))
-        return self.net
+        model = self.ctx.model
+        set_state(model, global_state)
+        model.head.alpha.copy_(self.center(cid).to(model.head.alpha.dtype))
+        return model
 
     def summary(self) -> dict[str, float]:
-        return {"floco_tau": self.tau, "floco_assigned": int(self.centers is not None),
-                "floco_signal_down_bytes": self.signal_bytes["down"],
-                "floco_signal_up_bytes": self.signal_bytes["up"]}
+        return {"floco_tau": self.tau, "floco_assigned": int(self.centers is not None)}

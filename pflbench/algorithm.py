@@ -16,7 +16,9 @@ module, for predictors that are not a single model state).
 
 Personal parameters are declared by role (`personal = "head"`, `"body"`, `"all"` or `None`), from
 the model's named `body` and `head` submodules; an algorithm with finer control (an element
-mask) overrides the hooks directly.
+mask) overrides the hooks directly. An algorithm that changes the architecture (a simplex of heads,
+a generative classifier) replaces `ctx.model.head` or `.body` before calling `Algorithm.__init__`,
+which reads the parameter names from the model; the engine reads the global state after that.
 """
 
 from __future__ import annotations
@@ -59,7 +61,13 @@ class Context:
     clients: list[ClientData]
     device: torch.device
     num_classes: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    comm: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+
+    def count_traffic(self, down: int = 0, up: int = 0) -> None:
+        """Add bytes an algorithm moves outside the engine's per-client download and upload (a
+        one-off exchange such as Floco's subregion assignment), so the run's totals stay whole."""
+        self.comm["down"] += down
+        self.comm["up"] += up
 
     def label_counts(self, cid: int) -> torch.Tensor:
         """Class counts of client `cid`'s training samples (length: number of classes)."""

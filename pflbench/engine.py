@@ -81,7 +81,7 @@ class Engine:
         self.global_state = get_state(model)
         self.schedule = client_schedule(config.seed, len(splits), config.clients_per_round, config.rounds)
         self.timers = {"client_s": 0.0, "server_s": 0.0, "eval_s": 0.0}
-        self.comm = {"up": 0, "down": 0}
+        self.comm = ctx.comm
 
     def _timed(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()

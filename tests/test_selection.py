@@ -6,7 +6,7 @@ import torch
 
 from helpers import comm_bytes, finite_accuracy, make_engine, metrics, small_config, states_equal
 from pflbench.algorithm import Upload
-from pflbench.state import get_state, nbytes, subset
+from pflbench.state import get_state, nbytes
 
 
 # -- shared helper: training a subset of elements -------------------------------------------------
@@ -161,7 +161,6 @@ def test_floco_with_one_endpoint_is_exactly_fedavg():
     floco = make_engine(config.replace(algo="floco"), endpoints=1, tau=1).run()
     assert metrics(floco) == metrics(fedavg)
     assert comm_bytes(floco) == comm_bytes(fedavg)
-    assert floco.summary["floco_signal_up_bytes"] == 0
 
 
 def test_floco_subregion_samples_lie_in_the_simplex_and_the_ball():
@@ -200,20 +199,20 @@ def test_floco_trains_in_the_assigned_subregions_and_counts_every_byte():
         assert bool((a >= 0).all())
         if r > 1:  # after the assignment (end of round 1): within the client's subregion
             assert float((a - algo.centers[cid]).abs().sum(1).max()) <= rho * (1 + 1e-9)
-    sent = nbytes(subset(engine.global_state, algo.sent_keys))
-    endpoints = nbytes({"e": engine.global_state["floco.endpoints"]})
-    assert engine.global_state["floco.endpoints"].shape[0] == m
-    assert comm_bytes(result) == (3 * 3 * sent, 3 * 3 * sent)
-    assert result.summary["floco_signal_down_bytes"] == 3 * sent  # the 3 clients not sampled in round 1
-    assert result.summary["floco_signal_up_bytes"] == 3 * endpoints
+    g = engine.global_state
+    assert set(g) == {*algo.body_keys, "head.endpoints", "head.bias"}
+    assert g["head.endpoints"].shape[0] == m
+    model_bytes, endpoint_bytes = nbytes(g), nbytes({"e": g["head.endpoints"]})
+    # 3 rounds of 3 sampled clients, plus the assignment after round 1: the 3 clients not sampled
+    # download the model and upload their endpoints once
+    assert comm_bytes(result) == (9 * model_bytes + 3 * endpoint_bytes, 9 * model_bytes + 3 * model_bytes)
     assert finite_accuracy(result)
     # evaluation at the client's center, read-only
-    g = engine.global_state
     net = algo.eval_model(2, g)
-    assert torch.equal(net.alpha, algo.centers[2].float())
+    assert torch.equal(net.head.alpha, algo.centers[2].float())
     x = engine.trainer.data.x[engine.clients[2].test]
-    w = torch.einsum("m,mcd->cd", algo.centers[2].float(), g["floco.endpoints"])
-    torch.testing.assert_close(net(x), torch.nn.functional.linear(net.body(x), w, g["floco.bias"]))
+    w = torch.einsum("m,mcd->cd", algo.centers[2].float(), g["head.endpoints"])
+    torch.testing.assert_close(net(x), torch.nn.functional.linear(net.body(x), w, g["head.bias"]))
 
 
 def test_floco_center_projection_spreads_clients_on_the_simplex():
