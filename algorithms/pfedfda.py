@@ -54,10 +54,10 @@ at test time from the client's *test* data, which we do not do); no `cov_nearest
 definite); grid search instead of L-BFGS; the cross-validation split is seeded by (seed, client)
 so evaluation is deterministic.
 
-Engine note: the global statistics travel in the global state (so the engine counts their bytes
-from round 1 on): they are registered on the shared model as two frozen parameters, `fda_means`
-and `fda_cov`, outside `body` and `head` (so they are not in `all_keys`); the model's forward
-pass does not use them.
+Model: the algorithm replaces the model's linear head by a `GaussianHead`, which holds the global
+statistics as frozen parameters (`head.means`, `head.cov`) beside the discriminant it predicts
+with (`head.weight`, `head.bias`), so the statistics travel in the global state and their bytes
+are counted from round 1 on.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pflbench.algorithm import Algorithm
@@ -74,7 +75,7 @@ from pflbench.registry import register_algorithm
 from pflbench.state import State, set_state, subset
 from pflbench.training import EVAL_BATCH, TrainStats, stream_seed
 
-MEANS, COV = "fda_means", "fda_cov"
+MEANS, COV = "head.means", "head.cov"
 
 
 def shrink(cov: torch.Tensor, eps: float) -> torch.Tensor:
@@ -95,6 +96,21 @@ def lda_classifier(means: torch.Tensor, cov: torch.Tensor, priors: torch.Tensor,
     weight = torch.cholesky_solve(means.t(), chol).t()
     bias = -0.5 * (means * weight).sum(1) + torch.log(priors)
     return weight, bias
+
+
+class GaussianHead(nn.Module):
+    """A linear classifier (`weight`, `bias`: those of the head it replaces) with the class means
+    and shared covariance it is derived from, kept as frozen parameters: the statistics are not
+    trained by SGD, only estimated from features and averaged by the server."""
+
+    def __init__(self, head: nn.Linear, means: torch.Tensor, cov: torch.Tensor):
+        super().__init__()
+        self.weight, self.bias = head.weight, head.bias
+        self.means = nn.Parameter(means.to(head.weight.device), requires_grad=False)
+        self.cov = nn.Parameter(cov.to(head.weight.device), requires_grad=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight, self.bias)
 
 
 @register_algorithm("pfedfda")
@@ -126,16 +142,13 @@ class PFedFDA(Algorithm):
                 raise ValueError(f"priors must be local or uniform (got {self.priors})")
 
     def __init__(self, ctx, hp):
-        super().__init__(ctx, hp)
         head = ctx.model.head
-        if not isinstance(head, nn.Linear) or head.out_features != ctx.num_classes:
-            raise UserError("pfedfda needs a model whose head is one linear layer over the classes")
-        self.dim = head.in_features
+        if not isinstance(head, nn.Linear) or head.out_features != ctx.num_classes or head.bias is None:
+            raise UserError("pfedfda needs a model whose head is one linear layer (with bias) over the classes")
         gen = torch.Generator().manual_seed(stream_seed(ctx.config.seed, "pfedfda-init"))
-        means = torch.rand(ctx.num_classes, self.dim, generator=gen)
-        cov = torch.eye(self.dim)
-        ctx.model.register_parameter(MEANS, nn.Parameter(means.to(ctx.device), requires_grad=False))
-        ctx.model.register_parameter(COV, nn.Parameter(cov.to(ctx.device), requires_grad=False))
+        means = torch.rand(ctx.num_classes, head.in_features, generator=gen)
+        ctx.model.head = GaussianHead(head, means, torch.eye(head.in_features))
+        super().__init__(ctx, hp)
         self.stat_keys = (MEANS, COV)
 
     # -- what travels ---------------------------------------------------------------------------
@@ -153,8 +166,8 @@ class PFedFDA(Algorithm):
                                      params=self.params_of(model, self.body_keys))
         means, cov = self.adapt(cid, model, means_g, cov_g)
         with torch.no_grad():
-            getattr(model, MEANS).copy_(means)
-            getattr(model, COV).copy_(cov)
+            model.head.means.copy_(means)
+            model.head.cov.copy_(cov)
         return stats
 
     def eval_model(self, cid: int, global_state: State) -> nn.Module:
@@ -167,7 +180,7 @@ class PFedFDA(Algorithm):
 
     # -- the generative classifier --------------------------------------------------------------
     def global_stats(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(model, MEANS).detach().double(), getattr(model, COV).detach().double()
+        return model.head.means.detach().double(), model.head.cov.detach().double()
 
     def priors(self, cid: int) -> torch.Tensor:
         c = self.ctx.num_classes

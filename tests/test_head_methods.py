@@ -186,7 +186,7 @@ def test_pfedfda_sends_body_and_statistics_and_counts_them():
     result = engine.run()
     assert all(set(u.payload) == {*algo.body_keys, MEANS, COV} for r in uploads for u in r)
     body = nbytes(subset(engine.global_state, algo.body_keys))
-    dim = engine.model.head.in_features
+    dim = engine.model.head.weight.shape[1]
     per_client = body + 4 * (10 * dim + dim * dim)
     assert comm_bytes(result) == (2 * 3 * per_client, 2 * 3 * per_client)
 
