@@ -84,6 +84,7 @@ class _LogitMixture(nn.Module):
 class APFL(Algorithm):
     description = "Each client mixes a personal model with the global one by a learned weight alpha."
     citation = "Deng et al., arXiv:2003.13461, 2020"
+    eval_adapt = "mixture of the personal and the current global model by the client's alpha (no training)"
 
     @dataclass
     class Hyperparams:
@@ -145,6 +146,7 @@ class APFL(Algorithm):
                     alpha.sub_(alpha.grad, alpha=self.alpha_lr).clamp_(0.0, 1.0)
             loss_sum += loss.detach() * len(y)
             samples += len(y)
+        trainer.count_grads(samples, passes=2)  # w's loss and the mixture's loss, every batch
         self.personal[cid] = {k: t.detach() for k, t in v.items()}
         self.alphas[cid] = float(alpha.detach())
         return TrainStats(loss_sum=float(loss_sum), samples=samples)

@@ -48,10 +48,9 @@ from torch import nn
 
 from pflbench.algorithm import Algorithm
 from pflbench.registry import register_algorithm
+from pflbench.regularizers import proximal_loss
 from pflbench.state import State, get_state, set_state
 from pflbench.training import TrainStats
-
-from algorithms.fedprox import proximal_loss
 
 GLOBAL_STREAM = "ditto-global"
 

@@ -142,6 +142,7 @@ class FedALA(Algorithm):
                         w[k].sub_(g * gap[k], alpha=self.hp.eta).clamp_(0.0, 1.0)
                 self._merge(params, local_top, global_top, w)
                 loss_sum += loss.detach() * len(y)
+                self.ctx.trainer.count_grads(len(y))
             losses.append(float(loss_sum) / len(sample))
             if not first or len(losses) >= self.hp.max_epochs:
                 break

@@ -22,6 +22,7 @@ from pflbench.training import TrainStats
 class FedBABU(Algorithm):
     description = "Head frozen at init while the body is federated; clients fine-tune before testing."
     citation = "Oh et al., ICLR 2022"
+    eval_adapt = "fine-tune {finetune_epochs} epochs (whole model, from the global one)"
 
     @dataclass
     class Hyperparams:

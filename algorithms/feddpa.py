@@ -76,59 +76,19 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pflbench.algorithm import Algorithm
+from pflbench.masked import Mask, train_elements
 from pflbench.registry import register_algorithm
 from pflbench.state import State, min_max, set_state
 from pflbench.training import TrainStats, cross_entropy
 
-Mask = dict[str, torch.Tensor]
 PERSONAL_STREAM = "feddpa-personal"
-
-
-class RestoringOptimizer:
-    """An optimizer whose steps leave chosen elements exactly where they were.
-
-    `frozen` lists (parameter, bool mask of frozen elements); their values are taken when the
-    wrapper is built and written back after every step, so weight decay and momentum (which
-    would move an element with a zero gradient) cannot change them."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, frozen: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.optimizer = optimizer
-        self.frozen = [(p, m, p.detach().clone()) for p, m in frozen]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.optimizer.step()
-        for param, mask, value in self.frozen:
-            param.copy_(torch.where(mask, value, param))
-
-
-def train_elements(algo: Algorithm, model: nn.Module, cid: int, epochs: int, round_: int,
-                   trainable: Mask, loss_fn: Callable = cross_entropy, purpose: str = "train") -> TrainStats:
-    """`epochs` of the run's SGD on the elements where `trainable` is True (others untouched).
-
-    Tensors with no trainable element are left out of the optimizer; when every element of every
-    tensor is trainable this is exactly `trainer.sgd(model, ...)` with all parameters."""
-    named = list(model.named_parameters())
-    params = [p for n, p in named if bool(trainable[n].any())]
-    frozen = [(p, ~trainable[n]) for n, p in named if bool(trainable[n].any()) and not bool(trainable[n].all())]
-    if not params or epochs == 0:
-        return TrainStats()
-    optimizer = algo.ctx.trainer.optimizer(params)
-    if frozen:
-        optimizer = RestoringOptimizer(optimizer, frozen)
-    return algo.ctx.trainer.sgd(model, cid, epochs, round_, optimizer=optimizer, loss_fn=loss_fn,
-                                purpose=purpose)
-
-
 
 
 @register_algorithm("feddpa")
 class FedDPA(Algorithm):
     description = "Elements with high layer-normalized Fisher information keep the client's value (DP omitted)."
     citation = "Yang et al., NeurIPS 2023"
+    eval_adapt = "Fisher merge of the current global model and the client's model (per-sample gradients on its training data)"
 
     @dataclass
     class Hyperparams:
@@ -182,6 +142,7 @@ class FedDPA(Algorithm):
             grads = per_sample(params, data.x[take], data.y[take])
             for n, g in grads.items():
                 total[n] += g.square().sum(0)
+        self.ctx.trainer.count_grads(len(idx))  # one per-sample gradient per training sample
         return {n: t / max(1, len(idx)) for n, t in total.items()}
 
     def local_model(self, cid: int) -> State | None:
@@ -224,11 +185,11 @@ class FedDPA(Algorithm):
         g = {n: self.round_global[n] for n in mask}
         stats = TrainStats()
         if any(bool(m.any()) for m in mask.values()):
-            stats += train_elements(self, model, cid, epochs, round_, mask,
+            stats += train_elements(self.ctx.trainer, model, cid, epochs, round_, mask,
                                     loss_fn=self.r1_loss(g), purpose=PERSONAL_STREAM)
         shared = {n: ~m for n, m in mask.items()}
         loss = self.r2_loss(g) if self.hp.lam2 > 0 else cross_entropy
-        stats += train_elements(self, model, cid, epochs, round_, shared, loss_fn=loss)
+        stats += train_elements(self.ctx.trainer, model, cid, epochs, round_, shared, loss_fn=loss)
         return stats
 
     def r1_loss(self, g: State) -> Callable:

@@ -38,6 +38,7 @@ from pflbench.state import State, min_max
 class FedOBP(Algorithm):
     description = "Element-wise decoupling: the server personalizes the top (1-q) elements by an OBD-style score."
     citation = "Chen et al., arXiv:2604.16574, 2026"
+    eval_adapt = "element merge of the current global model and the client's last upload (no training)"
 
     @dataclass
     class Hyperparams:

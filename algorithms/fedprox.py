@@ -33,26 +33,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from pflbench.algorithm import Algorithm
 from pflbench.registry import register_algorithm
+from pflbench.regularizers import proximal_loss
 from pflbench.state import State, get_state
-from pflbench.training import LossFn, TrainStats, cross_entropy
-
-
-def proximal_loss(anchor: State, coef: float) -> LossFn:
-    """A loss function `CE(model) + coef/2 * ||params - anchor||^2` over the parameters named in
-    `anchor` (the anchor tensors are constants: no gradient flows into them)."""
-    half = 0.5 * coef
-
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = cross_entropy(model, x, y)
-        squares = [(p - anchor[n]).square().sum() for n, p in model.named_parameters() if n in anchor]
-        return loss + half * torch.stack(squares).sum()
-
-    return loss_fn
+from pflbench.training import LossFn, TrainStats
 
 
 @register_algorithm("fedprox")

@@ -57,11 +57,10 @@ import torch
 from torch import nn
 
 from pflbench.algorithm import Algorithm, Upload
+from pflbench.masked import train_elements
 from pflbench.registry import register_algorithm
 from pflbench.state import State, weighted_mean
 from pflbench.training import TrainStats
-
-from algorithms.feddpa import train_elements
 
 PERSONAL_STREAM = "fedselect-personal"
 
@@ -70,6 +69,7 @@ PERSONAL_STREAM = "fedselect-personal"
 class FedSelect(Algorithm):
     description = "Per-client personal subnetwork grown by the largest local updates (GradSelect) up to a cap."
     citation = "Tamirisa et al., CVPR 2024"
+    eval_adapt = "element merge of the current global model and the client's personal values (no training)"
 
     @dataclass
     class Hyperparams:
@@ -140,9 +140,9 @@ class FedSelect(Algorithm):
             return self.ctx.trainer.sgd(model, cid, epochs, round_)
         personal = {n: mask[n] if n in mask else torch.zeros_like(p, dtype=torch.bool)
                     for n, p in model.named_parameters()}
-        stats = train_elements(self, model, cid, epochs, round_, personal, purpose=PERSONAL_STREAM)
+        stats = train_elements(self.ctx.trainer, model, cid, epochs, round_, personal, purpose=PERSONAL_STREAM)
         shared = {n: ~m for n, m in personal.items()}
-        stats += train_elements(self, model, cid, epochs, round_, shared)
+        stats += train_elements(self.ctx.trainer, model, cid, epochs, round_, shared)
         return stats
 
     def upload(self, cid: int, trained: State) -> State:

@@ -67,6 +67,7 @@ from pflbench.training import TrainStats
 class PerFedAvg(Algorithm):
     description = "MAML-style FedAvg: the global model is trained to be good after one local step."
     citation = "Fallah et al., NeurIPS 2020"
+    eval_adapt = "one gradient step (alpha={alpha}) from the global model on one training batch"
 
     @dataclass
     class Hyperparams:
@@ -145,6 +146,10 @@ class PerFedAvg(Algorithm):
             opt.step()
             loss_sum += loss.detach() * len(y_out)
             samples += len(y_out)
+            trainer.count_grads(len(y_in))  # the inner step's gradient
+            trainer.count_grads(len(y_out))  # the outer gradient at temp
+            if self.hp.variant == "hf":
+                trainer.count_grads(len(batches[2][1]), passes=2)  # the two finite-difference gradients
         return TrainStats(loss_sum=float(loss_sum), samples=samples)
 
     def aggregate(self, uploads: list[Upload], global_state: State) -> State:
@@ -164,7 +169,9 @@ class PerFedAvg(Algorithm):
         set_state(model, global_state)
         model.train()
         params = list(model.parameters())
-        grads = self.gradient(model, params, *self.adaptation_batch(cid))
+        x, y = self.adaptation_batch(cid)
+        grads = self.gradient(model, params, x, y)
+        self.ctx.trainer.count_grads(len(y))
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g, alpha=-self.hp.alpha)

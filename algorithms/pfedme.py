@@ -126,6 +126,7 @@ class PFedMe(Algorithm):
                 if step == 0:
                     loss_sum += loss.detach() * len(yb)
             samples += len(yb)
+            trainer.count_grads(len(yb), passes=self.hp.k)  # the K inner steps on this batch
             outer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for w, t in zip(local, theta):

@@ -19,10 +19,17 @@ the model's named `body` and `head` submodules; an algorithm with finer control 
 mask) overrides the hooks directly. An algorithm that changes the architecture (a simplex of heads,
 a generative classifier) replaces `ctx.model.head` or `.body` before calling `Algorithm.__init__`,
 which reads the parameter names from the model; the engine reads the global state after that.
+
+Every algorithm declares its test-time adaptation in `eval_adapt`: what a client does between
+receiving its state and being tested ("none" for FedAvg; FedBABU fine-tunes; Per-FedAvg takes a
+gradient step). It is a format string over the hyperparameters, so the summary and `pflbench list`
+say e.g. "fine-tune 5 epochs from the global model". The engine's `--finetune-epochs` is separate:
+it adds `_ft` figures to any algorithm.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -84,6 +91,7 @@ class Algorithm:
     citation: ClassVar[str] = ""
     Hyperparams: ClassVar[type] = NoHyperparams
     personal: ClassVar[Role | None] = None
+    eval_adapt: ClassVar[str] = "none"
 
     def __init__(self, ctx: Context, hp: Any):
         self.ctx = ctx
@@ -146,6 +154,15 @@ class Algorithm:
         engine may fine-tune it."""
         set_state(self.ctx.model, self.eval_state(cid, global_state))
         return self.ctx.model
+
+    @classmethod
+    def describe_eval_adaptation(cls, hp: Any) -> str:
+        """`eval_adapt` with the hyperparameters filled in (e.g. "fine-tune 5 epochs")."""
+        values = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) else {}
+        return cls.eval_adapt.format(**values)
+
+    def eval_adaptation(self) -> str:
+        return self.describe_eval_adaptation(self.hp)
 
     def summary(self) -> dict[str, Any]:
         """Extra figures for the run's summary.json (e.g. FedOBP's personalized fraction)."""

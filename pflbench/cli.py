@@ -207,6 +207,7 @@ def list_(
     for name in sorted(ALGORITHMS):
         cls = ALGORITHMS[name]
         typer.echo(f"  {name:<12} {cls.description} [{cls.citation}]")
+        typer.echo(f"  {'':<12}   test-time adaptation: {cls.describe_eval_adaptation(cls.Hyperparams())}")
         for key, value in hyperparam_defaults(cls).items():
             typer.echo(f"  {'':<12}   --hp {key}={value}")
 

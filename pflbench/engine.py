@@ -82,6 +82,15 @@ class Engine:
         self.schedule = client_schedule(config.seed, len(splits), config.clients_per_round, config.rounds)
         self.timers = {"client_s": 0.0, "server_s": 0.0, "eval_s": 0.0}
         self.comm = ctx.comm
+        self.grad_evals = {"grad_evals": 0, "eval_grad_evals": 0}
+
+    def _counted(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` and add the sample-gradients it computed to `grad_evals[key]` (training or
+        evaluation: test-time adaptation is counted apart from the rounds' local work)."""
+        before = self.trainer.grad_evals
+        out = fn(*args)
+        self.grad_evals[key] += self.trainer.grad_evals - before
+        return out
 
     def _timed(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
@@ -126,17 +135,18 @@ class Engine:
         result = RunResult()
         started = time.perf_counter()
         for round_ in range(1, self.config.rounds + 1):
-            stats = self.train_round(round_)
+            stats = self._counted("grad_evals", self.train_round, round_)
             train_loss = stats.loss_sum / stats.samples if stats.samples else float("nan")
             if not np.isfinite(train_loss) and stats.samples:
                 raise FloatingPointError(f"training loss is {train_loss} in round {round_}; lower --lr")
             figures = None
             if round_ % self.config.eval_every == 0 or round_ == self.config.rounds:
-                rows = self._timed("eval_s", self.evaluate, round_)
+                rows = self._counted("eval_grad_evals", self._timed, "eval_s", self.evaluate, round_)
                 result.clients.extend(rows)
                 figures = evaluation_figures(rows)
                 result.rounds.append({"round": round_, **figures, "train_loss": train_loss,
                                       "comm_up_bytes": self.comm["up"], "comm_down_bytes": self.comm["down"],
+                                      "grad_evals": self.grad_evals["grad_evals"],
                                       "elapsed_s": time.perf_counter() - started})
             if progress:
                 progress(round_, figures)
@@ -151,7 +161,8 @@ class Engine:
             "seed": c.seed, "rounds": c.rounds, "clients": c.clients, **final,
             "best_acc": max(r["acc"] for r in result.rounds),
             "best_round": max(result.rounds, key=lambda r: r["acc"])["round"],
-            "wall_s": wall_s, **self.timers,
+            "wall_s": wall_s, **self.timers, **self.grad_evals,
+            "eval_adapt": self.algo.eval_adaptation(),
             **self.algo.summary(),
         }
 

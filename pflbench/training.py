@@ -4,6 +4,12 @@ Batches are drawn by shuffled index straight from the dataset tensors on the dev
 loader, no per-sample Python. Every shuffle comes from a generator seeded by (seed, round,
 client, purpose), so a client's batches do not depend on which algorithm runs or on the order
 in which clients are visited.
+
+Compute is counted exactly in sample-gradients (`Trainer.grad_evals`): one per sample per forward
+and backward pass. `sgd` counts its batches itself; an algorithm with a loop of its own calls
+`count_grads` for every pass it makes (two passes on one batch count twice, a per-sample gradient
+counts one per sample, a finite-difference Hessian-vector product two). Forward-only passes
+(evaluation, statistics) are not gradients and are not counted.
 """
 
 from __future__ import annotations
@@ -78,6 +84,11 @@ class Trainer:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
+        self.grad_evals = 0
+
+    def count_grads(self, samples: int, passes: int = 1) -> None:
+        """Record `passes` forward+backward passes over `samples` samples (see the module doc)."""
+        self.grad_evals += samples * passes
 
     def optimizer(self, params: Iterable[torch.Tensor], lr: float | None = None) -> torch.optim.SGD:
         return torch.optim.SGD(list(params), lr=self.lr if lr is None else lr,
@@ -113,6 +124,7 @@ class Trainer:
             opt.step()
             loss_sum += loss.detach() * len(yb)
             samples += len(yb)
+        self.count_grads(samples)
         return TrainStats(loss_sum=float(loss_sum), samples=samples)
 
     @torch.no_grad()

@@ -6,20 +6,19 @@ import torch
 
 from helpers import comm_bytes, finite_accuracy, make_engine, metrics, small_config, states_equal
 from pflbench.algorithm import Upload
+from pflbench.masked import train_elements
 from pflbench.state import get_state, nbytes
 
 
 # -- shared helper: training a subset of elements -------------------------------------------------
 def test_frozen_elements_do_not_move_under_momentum_and_weight_decay():
-    from algorithms.feddpa import train_elements
-
     engine = make_engine(small_config(algo="feddpa", momentum=0.9, weight_decay=0.1))
     model = engine.model
     before = get_state(model)
     gen = torch.Generator().manual_seed(0)
     trainable = {n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters()}
     trainable["head.bias"][:] = False  # a tensor wholly frozen
-    train_elements(engine.algo, model, 0, 2, 1, trainable)
+    train_elements(engine.trainer, model, 0, 2, 1, trainable)
     after = get_state(model)
     for n, m in trainable.items():
         assert torch.equal(after[n][~m], before[n][~m])
