@@ -3,6 +3,12 @@
 Runs are grouped by (dataset, partition, alpha, algo, hyperparameters, protocol), where the
 protocol is every other setting that changes results (clients, rounds, epochs, lr, model, ...),
 so runs of different protocols are never averaged together.
+
+Beside accuracy, each row carries the algorithm's declared test-time adaptation (`eval_adapt`:
+FedBABU's `acc` already includes its fine-tuning, FedAvg's does not), its local compute in
+sample-gradients (`grad_evals`, and `grad_evals_vs_fedavg`, its ratio to FedAvg's in the same
+cell), and, for cells run under the FedOBP paper's protocol, the published numbers
+(:mod:`pflbench.published`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from pflbench.atomic import write_text
+from pflbench.published import attach_published, is_paper_protocol
 from pflbench.records import RUNS
 
 PROTOCOL_KEYS = ("clients", "join_ratio", "rounds", "local_epochs", "batch_size", "lr", "momentum",
@@ -46,7 +53,7 @@ def load_runs(results: Path) -> pd.DataFrame:
             continue
         rows.append({**summary, "run_dir": str(summary_path.parent), "hp": hp_label(config["hp"]),
                      "protocol": protocol_label(config), "clients": config["clients"],
-                     "rounds": config["rounds"]})
+                     "rounds": config["rounds"], "paper_protocol": is_paper_protocol(config)})
     return pd.DataFrame(rows)
 
 
@@ -56,17 +63,33 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=[*GROUP, "seeds", "acc", "acc_std"])
     ok["comm_mb"] = (ok["comm_up_bytes"] + ok["comm_down_bytes"]) / 1e6
-    metrics = ["acc", "acc_client_mean", "acc_client_p10", "best_acc", "acc_ft", "comm_mb", "wall_s"]
+    metrics = ["acc", "acc_client_mean", "acc_client_p10", "best_acc", "acc_ft", "comm_mb", "grad_evals",
+               "eval_grad_evals", "wall_s"]
     metrics = [m for m in metrics if m in ok.columns]
+    labels = [c for c in ("eval_adapt", "paper_protocol") if c in ok.columns]
     grouped = ok.groupby(GROUP, dropna=False)
     board = grouped[metrics].mean()
     board.insert(0, "seeds", grouped.size())
     board.insert(2, "acc_std", grouped["acc"].std(ddof=1).fillna(0.0))
+    for label in labels:
+        board[label] = grouped[label].first()
     board = board.reset_index()
     if "acc_ft" in board and board["acc_ft"].isna().all():
         board = board.drop(columns="acc_ft")
+    if "grad_evals" in board:
+        board.insert(board.columns.get_loc("grad_evals") + 1, "grad_evals_vs_fedavg", relative_to_fedavg(board))
+    board = attach_published(board)
     return board.sort_values(["dataset", "protocol", "partition", "alpha", "acc"],
                              ascending=[True, True, True, True, False]).reset_index(drop=True)
+
+
+def relative_to_fedavg(board: pd.DataFrame, column: str = "grad_evals") -> pd.Series:
+    """`column` divided by FedAvg's in the same (dataset, partition, alpha, protocol) cell; empty
+    where FedAvg did not run there (or its record predates the column)."""
+    cell = ["dataset", "partition", "alpha", "protocol"]
+    fedavg = board[board["algo"] == "fedavg"].groupby(cell, dropna=False)[column].first().rename("_fedavg")
+    joined = board[cell].merge(fedavg.reset_index(), how="left", on=cell)
+    return (board[column].to_numpy() / joined["_fedavg"].to_numpy()).round(4)
 
 
 def wide_leaderboard(board: pd.DataFrame) -> pd.DataFrame:

@@ -96,3 +96,16 @@ def test_first_participation_uses_the_global_model_or_the_authors_init():
     reverted = flat(merged, algo_init.all_keys) != 0
     assert int(reverted.sum()) == algo_init.k
     assert torch.equal(flat(merged, algo_init.all_keys)[reverted], flat(init, algo_init.all_keys)[reverted])
+
+
+def test_linear_time_top_k_equals_the_stable_sort_with_ties_by_element_order():
+    from algorithms.fedobp import top_k_mask
+
+    gen = torch.Generator().manual_seed(3)
+    for n, levels in [(1000, 4), (1000, 1000000), (257, 1), (50000, 7)]:
+        scores = torch.randint(0, levels, (n,), generator=gen).float()  # few levels: many ties
+        order = torch.sort(scores, descending=True, stable=True).indices
+        for k in (0, 1, 2, n // 3, n // 2 + 1, n - 1, n):
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[order[:k]] = True
+            assert torch.equal(top_k_mask(scores, k), expected), (n, levels, k)
