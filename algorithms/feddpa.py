@@ -9,10 +9,25 @@ empirical diagonal Fisher information of theta_i,
     F = mean over its training samples (x, y) of (d log p(y | x; theta_i) / d theta) ** 2
 
 (per-sample gradients with `torch.func`), min-max normalizes F within each parameter tensor
-(layer-wise, as the paper and its code; a constant tensor normalizes to 0), and elements with
-normalized F > `fisher_threshold` are personal: they keep the client's value theta_i; every other
-element takes the global value. So `fisher_threshold` >= 1 personalizes nothing (the start is
-exactly the global model) and `fisher_threshold` < 0 personalizes everything.
+(layer-wise, as the paper and its code; a constant tensor normalizes to 0), and marks the
+personal elements, which keep the client's value theta_i; every other element takes the global
+value. How the mask is drawn (`mask`):
+- `value` (default; the paper and the authors' code): elements with normalized F >
+  `fisher_threshold` are personal. So `fisher_threshold` >= 1 personalizes nothing (the start is
+  exactly the global model) and `fisher_threshold` < 0 personalizes everything; how many elements
+  are personal depends on the shape of each tensor's Fisher distribution.
+- `quantile` (the FedOBP authors' FL-bench fork, github.com/uglyghost/FedOBP,
+  src/client/feddpa.py): each tensor is thresholded at the `fisher_threshold` quantile t of its
+  own normalized Fisher values (`torch.quantile` there: linear interpolation between order
+  statistics), and elements with F > t, strictly, as in the fork, are personal; the fork merges
+  F > t from the client's model and F <= t from the global one. Since t lies between the order
+  statistics of ranks r = floor(q (n - 1)) and r + 1 (0-based) and no element lies strictly
+  between those, the personal elements are exactly those above the r-th smallest (the same set
+  up to the rounding of the fork's interpolation): n - 1 - r of a tensor's n elements (for q = 0.4, 60% of every tensor,
+  within one element), fewer where values tie at the threshold (a tie at t stays shared, as in the
+  fork). `fisher_threshold` must lie in [0, 1]: 1 personalizes nothing, 0 everything but each
+  tensor's minima. It takes one `kthvalue` per tensor (exact and deterministic; `torch.quantile`
+  refuses tensors over 2**24 elements in older torch).
 
 Adaptive constraint (the paper's local schedule, as in the authors' code; `schedule=paper`), from
 the merged start, with the global model g received this round fixed:
@@ -28,6 +43,8 @@ so momentum and weight decay cannot move them. The personal phase draws its batc
 element to train is skipped. `schedule=flbench` instead trains all elements together for
 `local_epochs` with plain cross-entropy (the baseline the FedOBP authors ran, in their FL-bench
 fork, github.com/uglyghost/FedOBP, src/client/feddpa.py; it has neither regularizer nor phases).
+`schedule=flbench` with `mask=quantile` is that fork's FedDPA baseline (add `first=init` for its
+first participation too), up to the differences listed at the end.
 
 Communication: the whole global model down and the whole trained model up (the paper sends the
 update of every parameter, personal ones included), and the server takes the sample-weighted
@@ -40,10 +57,14 @@ authors' code (and their fork's), where every client's local model starts as the
 model, so its personal elements keep their random initial values. Evaluation uses the same
 Fisher merge of the client's kept model with the current global model (deterministic, read-only).
 
-With `fisher_threshold` >= 1 and lam2 = 0 (lam1 is then unused) FedDPA is exactly FedAvg.
+With `fisher_threshold` >= 1 (1 with `mask=quantile`: nothing lies above a tensor's maximum)
+and lam2 = 0 (lam1 is then unused) FedDPA is exactly FedAvg.
 
 Hyperparameters:
-    fisher_threshold = 0.4   threshold on the layer-wise normalized Fisher (paper, code default).
+    fisher_threshold = 0.4   threshold on the layer-wise normalized Fisher (paper, code default);
+                             with mask=quantile, the quantile (the fork declares no default of
+                             its own: its score-comparison script scans 0 to 1).
+    mask = value             value | quantile (see above); value is the paper's rule.
     lam1 = 0.1               weight of R1 on the personal phase (authors' code default).
     lam2 = 0.05              weight of R2 on the shared phase (authors' code default).
     bound = 0.5              R2's target norm, the paper's clipping bound C (code default).
@@ -55,18 +76,20 @@ every algorithm in this benchmark), masks gradients by `value != 0` (an element 
 exactly 0 is frozen; here masks come from the Fisher only) and reports the accuracy of each
 sampled client's freshly trained model (here every client is evaluated with the Fisher merge of
 its kept model and the current global model, as in the FedOBP authors' fork). That fork
-thresholds each tensor at the `fisher_threshold` quantile of its Fisher values (so 0.4 makes 60%
-of every tensor personal) instead of at the value, computes the Fisher on whatever model the
-client object last held (FL-bench reuses one client object, so: the previous client's trained
-model) rather than the client's own, divides by the number of batches (capped at 10; irrelevant
-after normalization), and trains all parameters jointly without regularizers. We follow the
-paper: value threshold, the client's own model, the two regularized phases (`schedule=flbench`
-gives the joint plain training).
+thresholds each tensor at a quantile of its Fisher values (here `mask=quantile`), computes the
+Fisher on whatever model the client object last held (FL-bench reuses one client object, so: the
+previous client's trained model) rather than the client's own, divides by the number of batches
+(capped at 10; irrelevant after normalization), divides 0 by 0 where a tensor's Fisher is
+constant (its merge then zeroes the tensor; here the tensor takes the global values) and trains
+all parameters jointly without regularizers (here `schedule=flbench`). The defaults follow the
+paper: value threshold, the two regularized phases; the Fisher is always the client's own
+model's.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -84,11 +107,25 @@ from pflbench.training import TrainStats, cross_entropy
 PERSONAL_STREAM = "feddpa-personal"
 
 
+def above_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """True where an element of `x` is strictly above the q-quantile of all of `x`'s elements
+    (the FedOBP fork's `x > torch.quantile(x, q)`). With r = floor(q (n - 1)), the linearly
+    interpolated quantile lies between the order statistics x_(r) and x_(r+1) (0-based), and no
+    element lies strictly between those two, so the set is exactly {x > x_(r)}: one `kthvalue`,
+    exact and deterministic, with no interpolation to round and no `torch.quantile` (which
+    refuses tensors over 2**24 elements in older torch). n - 1 - r elements, fewer where x_(r) is
+    tied with larger ranks (a tie at the threshold stays below it, as in the fork)."""
+    flat = x.detach().flatten()
+    rank = min(max(math.floor(q * (flat.numel() - 1)), 0), flat.numel() - 1)
+    return x > flat.kthvalue(rank + 1).values
+
+
 @register_algorithm("feddpa")
 class FedDPA(Algorithm):
     description = "Elements with high layer-normalized Fisher information keep the client's value (DP omitted)."
     citation = "Yang et al., NeurIPS 2023"
-    eval_adapt = "Fisher merge of the current global model and the client's model (per-sample gradients on its training data)"
+    eval_adapt = ("Fisher merge of the current global model and the client's model ({mask} threshold "
+                  "{fisher_threshold}; per-sample gradients on its training data)")
 
     @dataclass
     class Hyperparams:
@@ -98,6 +135,7 @@ class FedDPA(Algorithm):
         bound: float = 0.5
         schedule: Literal["paper", "flbench"] = "paper"
         first: Literal["global", "init"] = "global"
+        mask: Literal["value", "quantile"] = "value"
 
         def __post_init__(self):
             if not (self.lam1 >= 0 and self.lam2 >= 0):
@@ -106,6 +144,9 @@ class FedDPA(Algorithm):
                 raise ValueError(f"bound must be >= 0 (got {self.bound})")
             if self.fisher_threshold != self.fisher_threshold:
                 raise ValueError("fisher_threshold must be a number")
+            if self.mask == "quantile" and not 0.0 <= self.fisher_threshold <= 1.0:
+                raise ValueError(f"fisher_threshold must be in [0, 1] with mask=quantile "
+                                 f"(got {self.fisher_threshold})")
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
@@ -151,8 +192,13 @@ class FedDPA(Algorithm):
         return self.initial if self.hp.first == "init" else None
 
     def personal_mask(self, cid: int, local: State) -> Mask:
-        """True where the element is personal: layer-wise normalized Fisher above the threshold."""
-        return {n: min_max(f) > self.hp.fisher_threshold for n, f in self.fisher(cid, local).items()}
+        """True where the element is personal: layer-wise normalized Fisher above the threshold
+        (`mask=value`) or above the tensor's `fisher_threshold` quantile (`mask=quantile`)."""
+        q = self.hp.fisher_threshold
+        normalized = {n: min_max(f) for n, f in self.fisher(cid, local).items()}
+        if self.hp.mask == "quantile":
+            return {n: above_quantile(f, q) for n, f in normalized.items()}
+        return {n: f > q for n, f in normalized.items()}
 
     def merged(self, cid: int, global_state: State) -> tuple[State, Mask | None]:
         """The client's start: its own values where personal, the global values elsewhere."""

@@ -14,7 +14,9 @@ bias and the endpoints through W(alpha) (`local_epochs` of the run's SGD, batche
   are rejected; every point returned is non-negative, sums to 1 and lies within rho of c).
 The server averages body, bias and endpoints (sample-weighted, as FedAvg).
 
-Subregion assignment, once, after round `tau`: every client's gradient signal is its
+Subregion assignment, once, after round `tau` (so rounds 1..tau train on the whole simplex and
+rounds tau + 1.. in the subregions, as in FL-bench, whose projection comes at the start of its
+(0-based) round tau), provided a round follows: every client's gradient signal is its
 pseudo-gradient on the endpoints in that round (global W - trained W, flattened): the sampled
 clients' come from their uploads; every other client trains once from the same global model
 (exactly the schedule it would have had if sampled) and sends its trained endpoints, as in the
@@ -41,12 +43,23 @@ inside `aggregate`, its local training is timed as server work.
 With M = 1 the single endpoint is the model's initial head, every alpha is (1), no assignment
 happens, and Floco is exactly FedAvg.
 
+With tau >= the run's rounds no round would train in a subregion, so the assignment never happens
+(as in FL-bench, where it would come at round tau + 1): the run is still valid, as simplex
+training (alpha uniform on the whole simplex every step) evaluated at the barycenter, and its
+summary says `floco_assigned = 0`.
+
 Hyperparameters:
     endpoints = 10   M, the simplex's endpoints (paper, authors' code and FL-bench).
-    rho = 0.1        the subregions' L1 radius (FL-bench default and the authors' choice for the
-                     fold split; they use 0.3 on Dirichlet splits).
-    tau = -1         rounds before the assignment; -1 means half the run's rounds (the paper runs
-                     tau = 250 of 500 rounds; FL-bench's default is 10).
+    rho = 0.1        the subregions' L1 radius: FL-bench's default (src/server/floco.py), which
+                     the FedOBP authors' fork (github.com/uglyghost/FedOBP) keeps for its Floco
+                     baseline; also the authors' choice for their fold split.
+    tau = 10         rounds before the assignment: FL-bench's default, kept by the FedOBP fork.
+                     tau = -1 means half the run's rounds, the other reference: the authors'
+                     Flower baseline (github.com/adap/flower, baselines/floco) runs tau = 250 of
+                     500 rounds with rho = 0.3 on its Dirichlet split (conf/cifar10_dir_floco.toml;
+                     rho = 0.1 on the fold split); pass `tau=-1 rho=0.3` for it. Its tau counts
+                     the projection round itself (its subregions start at round tau, here at
+                     tau + 1).
 
 Where the implementations differ: the authors' code (and FL-bench) samples center + r * u with
 r ~ U(0, rho) and u a random direction scaled to unit L1 norm, which is not uniform and leaves
@@ -243,13 +256,14 @@ def assign_centers(signals: torch.Tensor, m: int) -> torch.Tensor:
 class Floco(Algorithm):
     description = "Last layer as a simplex of M endpoints; each client trains in an L1 ball around its center."
     citation = "Grinwald et al., NeurIPS 2024"
-    eval_adapt = "the client's subregion center on the simplex (no training)"
+    eval_adapt = ("the client's subregion center on the simplex (the barycenter before the assignment; "
+                  "no training)")
 
     @dataclass
     class Hyperparams:
         endpoints: int = 10
         rho: float = 0.1
-        tau: int = -1
+        tau: int = 10
 
         def __post_init__(self):
             if self.endpoints < 1:
@@ -303,7 +317,8 @@ class Floco(Algorithm):
         return trainer.sgd(model, cid, epochs, round_, loss_fn=loss_fn)
 
     def aggregate(self, uploads: list[Upload], global_state: State) -> State:
-        if self.round == self.tau and self.hp.endpoints > 1 and self.centers is None:
+        if (self.round == self.tau < self.ctx.config.rounds and self.hp.endpoints > 1
+                and self.centers is None):
             self.assign(uploads, global_state)
         return super().aggregate(uploads, global_state)
 
