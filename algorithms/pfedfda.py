@@ -48,8 +48,9 @@ Hyperparameters:
 
 Differences from the published code, all deliberate: local statistics are computed from one
 forward pass of the trained body over the training data (the authors reuse the features of all
-local epochs' training batches, computed while the body was changing; FL-bench recomputes them
-at test time from the client's *test* data, which we do not do); no `cov_nearest` PSD projection
+local epochs' training batches, computed while the body was changing; FL-bench, and the FedOBP authors' fork of it, recompute
+them at test time from one pass over the client's training data (its train loader,
+`src/client/pfedfda.py`), as we do at every evaluation); no `cov_nearest` PSD projection
 (a sample covariance plus a ridge, and convex combinations of such, are already positive
 definite); grid search instead of L-BFGS; the cross-validation split is seeded by (seed, client)
 so evaluation is deterministic.
