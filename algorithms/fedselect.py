@@ -3,13 +3,31 @@ with Customized Selection of Parameters for Fine-Tuning", CVPR 2024
 (code: github.com/lapisrocks/fedselect).
 
 Each client grows a personal subnetwork, a binary mask over the elements of its weight tensors
-(tensors with >= 2 dimensions; biases stay shared, as in the authors' code). The mask starts empty
-(everything shared) and, after every participation, grows by the shared elements whose local
-update |theta_trained - theta_start| is largest (GradSelect): in each weight tensor with n
-elements and s of them personal, the top round(p * (n - s)) shared elements by update magnitude
-become personal, but never beyond floor(max_personal * n) personal elements in that tensor. Ties
-are broken by element order. So the mask is monotone and its size follows this schedule exactly.
-A newly personal element keeps the client's trained value from then on.
+(tensors with >= 2 dimensions; biases stay shared, see below). The mask starts empty (everything
+shared) and grows every `grow_every` = N participations of the client, from the change of the
+client's values over those N participations (GradSelect): delta = |theta trained at the N-th
+participation - theta the client started from at the first of the N|. In each weight tensor with
+n elements and s of them personal, the top round(p * (n - s)) shared elements by delta become
+personal, but never beyond floor(max_personal * n) personal elements in that tensor. Ties are
+broken by element order. So the mask is monotone, changes only at the client's participations
+N, 2N, 3N, ..., and its size follows this schedule exactly. Between growths the mask is fixed, so
+every candidate element was shared during the whole window and its start value is the global
+value the client received at the window's first participation. A newly personal element keeps
+the client's trained value from then on. N = 1 grows after every participation from that round's
+update alone.
+
+Growing versus pruning, and biases. The authors' code as first published (31653e8) had a
+flag `--invert`, off by default. Off, every client's mask started full (everything personal, biases
+included) and each update *pruned* it: in every tensor named "weight", the personal elements whose
+change was at most the p-quantile became shared (until prune_target of the tensor was shared),
+while biases were never touched and so stayed personal for good. With `--invert` the mask started
+empty (everything shared) and *grew*: in every "weight" tensor, the shared elements whose change
+was at least the (1 - p)-quantile became personal (up to prune_target personal), and biases, never
+selected, stayed shared for good. The paper's GradSelect, a personal subnetwork grown from an empty
+mask by the largest updates, is the `--invert` run; their later commit b6f8649 ("fix args") removed
+the flag and hard-codes that mode. Here: the growing reading, and biases (and every tensor of fewer
+than 2 dimensions) stay shared, as in `--invert`. (The models here have no normalization layers, so
+">= 2 dimensions" selects exactly the tensors named "weight".)
 
 Local schedule (LocalAlt, as the paper), from the global model with the client's personal values
 put in: `local_epochs` of SGD on the personal elements only (shared ones frozen; batches from the
@@ -30,22 +48,31 @@ Communication: the whole global model down (the engine counts whole tensors; a c
 its shared elements, so a server could send fewer, but it would have to send the positions);
 up, only the values of the client's shared elements, as flat tensors (a tensor the client shares
 in full is sent as is). No mask is sent: the server holds a copy of every client's mask and
-updates it exactly as the client does, from what it receives (the selection ranks shared
-elements by |uploaded value - global value sent|, both known to the server), so the positions
-of the uploaded values are known to both sides at no cost.
+updates it exactly as the client does, from what it receives. The selection ranks the client's
+shared elements by |uploaded value - value at the window's start|, and that start value is the
+global value the server itself sent at the window's first participation: the server keeps it per
+client until the window closes (per-client server state, no extra bytes; with N = 1 it is the
+model it has just sent). So the positions of the uploaded values are known to both sides at no
+cost.
 
 Evaluation: the current global model with the client's personal values put in (a client that
 never trained: the global model). With p = 0 the mask stays empty and FedSelect is exactly FedAvg.
 
 Hyperparameters:
-    p = 0.25              growth per participation, as a fraction of the still-shared elements
-                          of each weight tensor (the authors' code: prune_percent 25).
+    p = 0.25              growth per growth step, as a fraction of the still-shared elements of
+                          each weight tensor (the authors' code: prune_percent 25).
     max_personal = 0.8    cap on the personal fraction of each weight tensor (authors' code:
                           prune_target 80).
-The authors' code grows masks every 3 rounds with every client participating every round, from
-the change over those 3 rounds (lth_epoch_iters = 3), and can overshoot the cap by one step; we
-grow after every participation from that round's update (with partial participation a client's
-rounds are sparse) and stop exactly at the cap.
+    grow_every = 3        participations per growth window (the authors' code: lth_epoch_iters
+                          3); 1 grows after every participation.
+Where the authors' code differs: every client participates every round and masks grow after the
+rounds r (counted from 0) with r % 3 == 0 and r > 0, so the first window spans 4 rounds and the
+later ones 3; the change is measured from the client's trained model at the previous growth (the
+initial model for the first), before the server's averaging, where we measure it from the value
+the client started the window with (what the server sent); a newly personal element takes that
+round's server average before it is frozen as personal, where it keeps the client's trained value
+here; and a tensor can overshoot the cap by one step, where we stop exactly at the cap. With
+partial participation we count a client's own participations, not rounds.
 """
 
 from __future__ import annotations
@@ -75,22 +102,29 @@ class FedSelect(Algorithm):
     class Hyperparams:
         p: float = 0.25
         max_personal: float = 0.8
+        grow_every: int = 3
 
         def __post_init__(self):
             if not 0.0 <= self.p <= 1.0:
                 raise ValueError(f"p must be in [0, 1] (got {self.p})")
             if not 0.0 <= self.max_personal <= 1.0:
                 raise ValueError(f"max_personal must be in [0, 1] (got {self.max_personal})")
+            if self.grow_every < 1:
+                raise ValueError(f"grow_every must be an integer >= 1 (got {self.grow_every})")
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         params = dict(ctx.model.named_parameters())
         self.eligible = tuple(k for k in self.all_keys if params[k].dim() >= 2)
-        self.caps = {k: math.floor(hp.max_personal * params[k].numel()) for k in self.eligible}
+        self.numels = {k: params[k].numel() for k in self.eligible}
+        self.caps = {k: math.floor(hp.max_personal * n) for k, n in self.numels.items()}
         self.total = sum(p.numel() for p in ctx.model.parameters())
         self.masks: dict[int, dict[str, torch.Tensor]] = {}  # per client: True = personal
         self.sent_masks: dict[int, dict[str, torch.Tensor]] = {}  # the masks this round's uploads used
-        self.round_global: State = {}
+        self.participations: dict[int, int] = {}  # per client: participations so far
+        # per client with an open growth window: the weight tensors it started the window from
+        # (states are never modified in place, so these are references, not copies)
+        self.window_start: dict[int, State] = {}
 
     def download_keys(self, cid: int) -> tuple[str, ...]:
         return self.all_keys
@@ -102,6 +136,12 @@ class FedSelect(Algorithm):
     def growth(self, personal: int, numel: int, cap: int) -> int:
         """How many elements a tensor's mask gains: round(p * shared), within the cap."""
         return max(0, min(cap - personal, int(round(self.hp.p * (numel - personal)))))
+
+    def can_grow(self, cid: int) -> bool:
+        """Whether some weight tensor of the client's mask would still gain elements."""
+        mask = self.mask_of(cid)
+        return any(self.growth(int(mask[k].sum()) if k in mask else 0, numel, self.caps[k]) > 0
+                   for k, numel in self.numels.items())
 
     def grown(self, mask: dict[str, torch.Tensor], trained: State, start: State) -> dict[str, torch.Tensor]:
         new = dict(mask)
@@ -130,8 +170,10 @@ class FedSelect(Algorithm):
 
     # -- the hooks -------------------------------------------------------------------------------
     def client_start(self, cid: int, global_state: State) -> State:
-        self.round_global = global_state
-        return self.merged(cid, global_state)
+        start = self.merged(cid, global_state)
+        if self.participations.get(cid, 0) % self.hp.grow_every == 0 and self.can_grow(cid):
+            self.window_start[cid] = {k: start[k] for k in self.eligible}  # a window opens
+        return start
 
     def local_train(self, cid: int, model: nn.Module, round_: int) -> TrainStats:
         epochs = self.ctx.config.local_epochs
@@ -155,10 +197,13 @@ class FedSelect(Algorithm):
             elif not bool(m.all()):
                 payload[key] = trained[key][~m]
         self.sent_masks[cid] = mask
-        new = self.grown(mask, trained, self.round_global)  # the server repeats this from the payload
-        if new:
-            self.masks[cid] = new
-            self.kept[cid] = {k: trained[k][m] for k, m in new.items()}
+        count = self.participations[cid] = self.participations.get(cid, 0) + 1
+        if count % self.hp.grow_every == 0 and cid in self.window_start:
+            # the window closes: the server repeats this from the payload and the start it sent
+            mask = self.grown(mask, trained, self.window_start.pop(cid))
+        if mask:
+            self.masks[cid] = mask
+            self.kept[cid] = {k: trained[k][m] for k, m in mask.items()}
         return payload
 
     def aggregate(self, uploads: list[Upload], global_state: State) -> State:

@@ -18,9 +18,21 @@ the inner step is the plain step of the objective. The whole model travels both 
 averages the sampled clients' models uniformly (the paper: w = 1/|A| sum_i w_i), or weighted by
 samples with `weighting=samples`.
 
-Evaluation: client i is tested with w - alpha * grad f_i(w; B), one gradient step from the global
-model on one mini-batch B of its training data (`batch_size` samples, the same batch at every
-evaluation: read-only and deterministic), as the paper evaluates.
+Evaluation (`eval_adapt_mode`):
+- `steps` (default): client i is tested with the model reached by `eval_steps` plain gradient
+  steps of size `alpha` from the global model, w <- w - alpha * grad f_i(w; B_j), each on its own
+  mini-batch B_j of the client's training data (`batch_size` samples): the first `eval_steps`
+  batches of a fixed shuffle (the "perfedavg-eval" stream, the same at every evaluation), so the
+  evaluation is read-only and deterministic. `eval_steps` = 1 is the paper's evaluation: its
+  objective is the loss after one step of size alpha, and its experiments test each user's model
+  after one step of stochastic gradient descent on its own data.
+- `epoch`: FL-bench's adaptation (its server forces finetune_epoch >= 1 for Per-FedAvg, and its
+  client's finetune() runs that many epochs of the client's optimizer over its training loader):
+  one epoch over the client's training data (the first epoch of the same fixed shuffle) with a
+  fresh optimizer of the run's settings: the run's `--lr` (not alpha), momentum and weight
+  decay. FL-bench's inner step uses that same optimizer, so its alpha is the run's lr; set
+  alpha = lr to match it in training too. `eval_steps` is ignored in this mode.
+Each adaptation step is one counted gradient pass over its batch (`eval_grad_evals`).
 
 Exact property (tested): with alpha = 0, temp = w, both variants reduce to SGD with learning rate
 beta on FedAvg's batches and evaluation to the global model, so with beta = lr and sample
@@ -38,18 +50,28 @@ Hyperparameters:
   1e-3 had cosine 0.3 to 0.9 with autograd's exact Hessian-vector product, while 1e-4 down to
   1e-5 matched it (cosine 1.000, float32).
 - `weighting` (`uniform`): server average, the paper's uniform mean, or `samples`.
+- `eval_steps` (1): adaptation steps at evaluation, the paper's one step (see Evaluation).
+- `eval_adapt_mode` (`steps`): `steps`, the paper's alpha-steps; `epoch`, FL-bench's epoch.
 
-Where published implementations differ from the paper: FL-bench uses the run's lr as the inner
-step and `beta` (default 0.001) as the outer one, takes len(loader) // 2 (or // 3) steps per
-epoch, and evaluates after fine-tuning a full epoch (it forces finetune_epoch >= 1). PFLlib does
-not return to w before the outer step (its update is w - lr * g(w; D) - beta * g(temp; D')), and
-its evaluation runs a whole meta-step whose first stage draws a batch of the client's *test*
-data. Here: the paper's update, one step per batch of FedAvg's schedule, evaluation one
-alpha-step on a training batch.
+Where published implementations differ from the paper: FL-bench (src/client/perfedavg.py) uses
+the run's optimizer and lr as the inner step and `beta` (default 0.001) as the outer one, takes
+len(loader) // 2 (or // 3) steps per epoch, and evaluates after fine-tuning a full epoch with the
+run's optimizer (the `epoch` mode here). PFLlib (system/flcore/clients/clientperavg.py) restores
+w before the outer step, as the paper does: per step it takes one loader batch of 2 x batch_size
+training samples, makes a plain step of the run's lr on its first half (D), computes the gradient
+at temp on its second half (D'), copies w back and steps w <- w - beta * grad f(temp; D'), with
+beta = the run's lr (so alpha = beta = lr); its server calls every sampled client's train() twice
+per round. Its evaluation (evaluate_one_step with the client's train_one_step) takes one plain
+step of the run's lr from the received global model on one shuffled training batch of
+batch_size samples, tests, and puts the model back: the paper's one-step evaluation with
+alpha = lr, on a batch redrawn at every evaluation. Here: the paper's update, one step per batch
+of FedAvg's schedule, evaluation one alpha-step on a fixed training batch (or the options above).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,12 +84,17 @@ from pflbench.registry import register_algorithm
 from pflbench.state import State, get_state, set_state, weighted_mean
 from pflbench.training import TrainStats
 
+EVAL_STREAM = "perfedavg-eval"
+
 
 @register_algorithm("perfedavg")
 class PerFedAvg(Algorithm):
     description = "MAML-style FedAvg: the global model is trained to be good after one local step."
     citation = "Fallah et al., NeurIPS 2020"
-    eval_adapt = "one gradient step (alpha={alpha}) from the global model on one training batch"
+    eval_adapt = ("{eval_steps} gradient step(s) (alpha={alpha}) from the global model, each on its own "
+                  "fixed training batch")
+    eval_adapt_epoch = ("one epoch of the run's SGD (lr, momentum, weight decay) from the global model on the "
+                        "training data")
 
     @dataclass
     class Hyperparams:
@@ -76,6 +103,8 @@ class PerFedAvg(Algorithm):
         beta: float = -1.0
         delta: float = 1e-4
         weighting: Literal["uniform", "samples"] = "uniform"
+        eval_steps: int = 1
+        eval_adapt_mode: Literal["steps", "epoch"] = "steps"
 
         def __post_init__(self):
             if self.alpha < 0:
@@ -84,6 +113,10 @@ class PerFedAvg(Algorithm):
                 raise ValueError(f"beta must be > 0, or -1 for the run's lr (got {self.beta})")
             if self.delta <= 0:
                 raise ValueError(f"delta must be > 0 (got {self.delta})")
+            if self.eval_steps < 1:
+                raise ValueError(f"eval_steps must be an integer >= 1 (got {self.eval_steps})")
+            if self.eval_adapt_mode not in ("steps", "epoch"):
+                raise ValueError(f"eval_adapt_mode must be steps or epoch (got {self.eval_adapt_mode})")
 
     @property
     def beta(self) -> float:
@@ -160,19 +193,35 @@ class PerFedAvg(Algorithm):
             return global_state
         return {**global_state, **weighted_mean([u.payload for u in sent], [1.0] * len(sent))}
 
+    @classmethod
+    def describe_eval_adaptation(cls, hp) -> str:
+        if hp.eval_adapt_mode == "epoch":
+            return cls.eval_adapt_epoch
+        return super().describe_eval_adaptation(hp)
+
+    def adaptation_batches(self, cid: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `steps` mini-batches of client `cid`'s fixed evaluation shuffle (further
+        passes over the data when `steps` exceeds one epoch's batches)."""
+        per_epoch = math.ceil(self.ctx.clients[cid].n_train / self.ctx.trainer.batch_size)
+        stream = self.ctx.trainer.batches(cid, math.ceil(steps / per_epoch), 0, purpose=EVAL_STREAM)
+        return list(itertools.islice(stream, steps))
+
     def adaptation_batch(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed training mini-batch client `cid` adapts on at evaluation."""
-        return next(iter(self.ctx.trainer.batches(cid, 1, 0, purpose="perfedavg-eval")))
+        """The fixed training mini-batch of client `cid`'s first adaptation step."""
+        return self.adaptation_batches(cid, 1)[0]
 
     def eval_state(self, cid: int, global_state: State) -> State:
         model = self.ctx.model
         set_state(model, global_state)
+        if self.hp.eval_adapt_mode == "epoch":
+            self.ctx.trainer.sgd(model, cid, 1, 0, purpose=EVAL_STREAM)  # counts its own passes
+            return get_state(model)
         model.train()
         params = list(model.parameters())
-        x, y = self.adaptation_batch(cid)
-        grads = self.gradient(model, params, x, y)
-        self.ctx.trainer.count_grads(len(y))
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.add_(g, alpha=-self.hp.alpha)
+        for x, y in self.adaptation_batches(cid, self.hp.eval_steps):
+            grads = self.gradient(model, params, x, y)
+            self.ctx.trainer.count_grads(len(y))
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.add_(g, alpha=-self.hp.alpha)
         return get_state(model)

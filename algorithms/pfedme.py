@@ -9,11 +9,12 @@ Schedule per sampled client (the paper's Algorithm 1): w_local starts as the rec
 model w^t and theta as a copy of it. For every mini-batch of `local_epochs` passes over the
 client's data (the "train" stream):
   1. K = `k` gradient steps on theta, the batch fixed, with step `personal_lr` and no momentum:
-     theta <- theta - personal_lr * (grad CE(theta; batch) + lam * (theta - w_local)),
+     theta <- theta - personal_lr * (grad CE(theta; batch) + lam * (theta - w_local) + mu * theta),
      warm-started from the previous batch's theta (as the authors' code, FL-bench and PFLlib);
-  2. w_local <- w_local - lr * lam * (w_local - theta): one step of the run's optimizer (lr,
-     momentum, weight decay; plain as in the paper with the defaults momentum = weight decay = 0)
-     on the envelope gradient.
+  2. one step of w_local along the envelope gradient lam * (w_local - theta):
+     `outer=plain` (default): w_local <- w_local - lr * lam * (w_local - theta), a plain step with
+     the run's `--lr` (no momentum, no weight decay); `outer=run`: one step of the run's optimizer
+     (lr, momentum, weight decay; fresh each round) on that gradient.
 The client uploads w_local; the server sets w <- (1 - beta) w + beta * mean(w_local), the mean
 sample-weighted as FedAvg's (so beta = 1 is exactly FedAvg's aggregation). The last theta is
 kept per client.
@@ -32,6 +33,24 @@ Hyperparameters:
                        client returns exactly what it received.
     personal_lr = 0.01 inner step size (FL-bench and PFLlib default).
     beta = 1.0         server mixing; 1 is plain averaging, the paper also reports beta = 2.
+    mu = 0.0           weight decay of the inner step (the term mu * theta above). The paper's
+                       inner problem, min_theta f_i(theta) + lam/2 ||theta - w||^2, has no such
+                       term, so the default is 0. Its authors' code (github.com/CharlieDinh/pFedMe,
+                       pFedMeOptimizer), FL-bench (src/client/pfedme.py, pFedMeOptimizer; --mu
+                       1e-3) and PFLlib (clientpFedMe.py with fedoptimizer.pFedMeOptimizer, whose
+                       default mu = 0.001 the client never overrides) all add it to the inner
+                       gradient exactly as above with mu = 1e-3: `mu=0.001` reproduces them.
+    outer = plain      the paper's outer step (Algorithm 1: w <- w - eta * lam * (w - theta)),
+                       which the authors' code, FL-bench and PFLlib all write as a plain update
+                       with the run's learning rate, whatever the run's optimizer settings (in
+                       FL-bench the run's optimizer object is never used by pFedMe's training).
+                       With the run's default momentum = weight decay = 0 the two choices are the
+                       same, bit for bit. They differ where the run sets momentum or weight
+                       decay: in the FMNIST grid (momentum 0.7, the FedOBP protocol, which runs
+                       on FL-bench) `plain` steps w_local by exactly lr * lam * (w_local - theta)
+                       per batch, as pFedMe ran in that protocol, while `run` accumulates those
+                       envelope gradients in a momentum buffer (0.7, fresh each round), like the
+                       model steps of FedAvg in that grid.
     eval = personal    see above.
 
 Differences from the paper:
@@ -42,8 +61,6 @@ Differences from the paper:
   times over its data (R = local_epochs * batches per epoch), like the other algorithms here.
 - The paper averages the S uploaded models uniformly; here the mean is sample-weighted, as
   FedAvg's in this benchmark (FL-bench and PFLlib do the same).
-- FL-bench's inner solver also adds a weight decay mu * theta (mu = 1e-3 by default), which is
-  not in the paper; there is none here.
 """
 
 from __future__ import annotations
@@ -73,6 +90,8 @@ class PFedMe(Algorithm):
         personal_lr: float = 0.01
         beta: float = 1.0
         eval: Literal["personal", "global"] = "personal"
+        mu: float = 0.0
+        outer: Literal["plain", "run"] = "plain"
 
         def __post_init__(self):
             if not self.lam >= 0:
@@ -85,6 +104,10 @@ class PFedMe(Algorithm):
                 raise ValueError(f"beta must be >= 0 (got {self.beta})")
             if self.eval not in ("personal", "global"):
                 raise ValueError(f"eval must be personal or global (got {self.eval})")
+            if not self.mu >= 0:
+                raise ValueError(f"mu must be >= 0 (got {self.mu})")
+            if self.outer not in ("plain", "run"):
+                raise ValueError(f"outer must be plain or run (got {self.outer})")
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
@@ -100,9 +123,20 @@ class PFedMe(Algorithm):
     @torch.no_grad()
     def _inner_step(self, theta: list[torch.Tensor], grads: tuple[torch.Tensor, ...],
                     local: list[torch.Tensor]) -> None:
-        lam, lr = self.hp.lam, self.hp.personal_lr
+        """theta <- theta - personal_lr * (grad + lam * (theta - w_local) + mu * theta)."""
+        lam, lr, mu = self.hp.lam, self.hp.personal_lr, self.hp.mu
         for t, g, w in zip(theta, grads, local):
-            t.add_(g + lam * (t - w), alpha=-lr)
+            step = g + lam * (t - w)
+            if mu:
+                step = step + mu * t
+            t.add_(step, alpha=-lr)
+
+    @torch.no_grad()
+    def _plain_outer_step(self, local: list[torch.Tensor], theta: list[torch.Tensor]) -> None:
+        """w_local <- w_local - lr * (lam * (w_local - theta)): the paper's step, the run's lr."""
+        lam, lr = self.hp.lam, self.ctx.config.lr
+        for w, t in zip(local, theta):
+            w.add_((w - t).mul_(lam), alpha=-lr)
 
     def local_train(self, cid: int, model: nn.Module, round_: int) -> TrainStats:
         trainer = self.ctx.trainer
@@ -112,7 +146,8 @@ class PFedMe(Algorithm):
         names = [n for n, _ in model.named_parameters()]
         local = [p for _, p in model.named_parameters()]
         theta = [dict(theta_model.named_parameters())[n] for n in names]
-        outer = trainer.optimizer(local)  # the run's optimizer on w_local, fresh each round
+        # outer=run: the run's optimizer on w_local, fresh each round
+        outer = trainer.optimizer(local) if self.hp.outer == "run" else None
         loss_sum = torch.zeros((), device=self.ctx.device)
         samples = 0
         for xb, yb in trainer.batches(cid, self.ctx.config.local_epochs, round_, purpose="train"):
@@ -127,12 +162,16 @@ class PFedMe(Algorithm):
                     loss_sum += loss.detach() * len(yb)
             samples += len(yb)
             trainer.count_grads(len(yb), passes=self.hp.k)  # the K inner steps on this batch
+            if outer is None:
+                self._plain_outer_step(local, theta)
+                continue
             outer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for w, t in zip(local, theta):
                     w.grad = (w - t).mul_(self.hp.lam)  # gradient of the Moreau envelope
             outer.step()
-        outer.zero_grad(set_to_none=True)
+        if outer is not None:
+            outer.zero_grad(set_to_none=True)
         self.personal_models[cid] = get_state(theta_model)
         return TrainStats(loss_sum=float(loss_sum), samples=samples)
 

@@ -211,5 +211,5 @@ def test_pfedme_local_update_moves_towards_theta():
     theta = algo.personal_models[0]
     local = get_state(model)
     for k in start:
-        # the optimizer forms lr * (lam * (w - theta)); the formula lr * lam * (...) rounds differently
+        # the step adds -lr * (lam * (w - theta)) in one fused op; the formula here rounds differently
         torch.testing.assert_close(local[k], start[k] - lr * lam * (start[k] - theta[k]), rtol=1e-5, atol=1e-7)

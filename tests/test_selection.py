@@ -96,7 +96,7 @@ def test_fedselect_without_growth_is_exactly_fedavg():
 
 def test_fedselect_masks_grow_monotonically_on_schedule_and_bytes_are_exact():
     p, cap = 0.3, 0.5
-    engine = make_engine(small_config(algo="fedselect", rounds=4), p=p, max_personal=cap)
+    engine = make_engine(small_config(algo="fedselect", rounds=4), p=p, max_personal=cap, grow_every=1)
     algo = engine.algo
     numel = {k: v.numel() for k, v in engine.global_state.items()}
     history = []
