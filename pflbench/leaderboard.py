@@ -9,6 +9,12 @@ FedBABU's `acc` already includes its fine-tuning, FedAvg's does not), its local 
 sample-gradients (`grad_evals`, and `grad_evals_vs_fedavg`, its ratio to FedAvg's in the same
 cell), and, for cells run under the FedOBP paper's protocol, the published numbers
 (:mod:`pflbench.published`).
+
+Uncertainty comes from :mod:`pflbench.statistics`: per row a 95% interval (hierarchical bootstrap
+over seeds and clients), paired differences with the cell's best, FedAvg and Local with their
+intervals and Holm-corrected p-values, and `tied_best`. The wide tables rank algorithms by their
+mean rank over the cells, and `ranking.csv` holds the Friedman test and the Nemenyi critical
+difference of each protocol.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pandas as pd
 
 from pflbench.atomic import write_text
 from pflbench.published import attach_published, is_paper_protocol
+from pflbench.statistics import CELL, leaderboard_statistics, rank_test
 from pflbench.records import RUNS
 
 PROTOCOL_KEYS = ("clients", "join_ratio", "rounds", "local_epochs", "batch_size", "lr", "momentum",
@@ -70,7 +77,7 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     grouped = ok.groupby(GROUP, dropna=False)
     board = grouped[metrics].mean()
     board.insert(0, "seeds", grouped.size())
-    board.insert(2, "acc_std", grouped["acc"].std(ddof=1).fillna(0.0))
+    board.insert(2, "acc_std", grouped["acc"].std(ddof=1))  # empty with one seed: no spread to show
     for label in labels:
         board[label] = grouped[label].first()
     board = board.reset_index()
@@ -78,6 +85,8 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
         board = board.drop(columns="acc_ft")
     if "grad_evals" in board:
         board.insert(board.columns.get_loc("grad_evals") + 1, "grad_evals_vs_fedavg", relative_to_fedavg(board))
+    board = board.merge(leaderboard_statistics(runs), how="left", on=GROUP)
+    board["rank"] = cell_ranks(board)
     board = attach_published(board)
     return board.sort_values(["dataset", "protocol", "partition", "alpha", "acc"],
                              ascending=[True, True, True, True, False]).reset_index(drop=True)
@@ -92,15 +101,52 @@ def relative_to_fedavg(board: pd.DataFrame, column: str = "grad_evals") -> pd.Se
     return (board[column].to_numpy() / joined["_fedavg"].to_numpy()).round(4)
 
 
+def cell_ranks(board: pd.DataFrame) -> pd.Series:
+    """Rank within each cell with ties: every algorithm tied with the best (not significantly
+    worse) is 1; the others follow by accuracy (competition ranking)."""
+    ranks = board.groupby(CELL, dropna=False)["acc"].rank(ascending=False, method="min")
+    if "tied_best" in board:
+        tied = board["tied_best"].fillna(False).astype(bool)
+        ranks = ranks.where(~tied, 1.0)
+    return ranks.astype(int)
+
+
+def column_label(row: pd.Series) -> str:
+    return f"alpha={row['alpha']:g}" if row["partition"] == "dirichlet" else str(row["partition"])
+
+
 def wide_leaderboard(board: pd.DataFrame) -> pd.DataFrame:
-    """Algorithms as rows, one `acc` column per (partition, alpha), plus their mean; ranked by it."""
-    columns = board.apply(lambda r: f"alpha={r['alpha']:g}" if r["partition"] == "dirichlet"
-                          else str(r["partition"]), axis=1)
-    wide = board.assign(column=columns).pivot_table(index=["algo", "hp"], columns="column", values="acc")
-    wide["mean"] = wide.mean(axis=1)
-    wide = wide.sort_values("mean", ascending=False).reset_index().rename_axis(columns=None)
-    wide.insert(0, "rank", range(1, len(wide) + 1))
-    return wide[[c for c in wide.columns if c != "hp"] + ["hp"]]
+    """Algorithms as rows; per (partition, alpha) the `acc` and the rank with ties; ordered by the
+    mean rank over the cells (ties averaged, as the Friedman test ranks), not by a mean of
+    accuracies across heterogeneity levels."""
+    labelled = board.assign(column=board.apply(column_label, axis=1))
+    wide = labelled.pivot_table(index=["algo", "hp"], columns="column", values="acc")
+    ranks = labelled.pivot_table(index=["algo", "hp"], columns="column", values="rank")
+    average = labelled.assign(avg_rank=labelled.groupby(CELL, dropna=False)["acc"].rank(ascending=False))
+    mean_rank = average.pivot_table(index=["algo", "hp"], columns="column", values="avg_rank").mean(axis=1)
+    out = pd.DataFrame(index=wide.index)
+    for column in wide.columns:
+        out[column] = wide[column]
+        out[f"{column} rank"] = ranks[column]
+    out["mean_rank"] = mean_rank
+    out = out.sort_values("mean_rank").reset_index().rename_axis(columns=None)
+    out.insert(0, "rank", out["mean_rank"].rank(method="min").astype(int))
+    return out[[c for c in out.columns if c != "hp"] + ["hp"]]
+
+
+def ranking_table(board: pd.DataFrame) -> pd.DataFrame:
+    """Per protocol (every dataset x partition x alpha run under it): mean ranks, the Friedman
+    test and the Nemenyi critical difference over the algorithms that ran in every cell."""
+    frames = []
+    for protocol, part in board.groupby("protocol"):
+        test = rank_test(part)
+        if test is None:
+            continue
+        frames.append(pd.DataFrame({"protocol": protocol, "entry": test.ranks.index, "mean_rank": test.ranks.values,
+                                    "cells": test.cells, "friedman_chi2": test.chi2, "friedman_p": test.p_value,
+                                    "nemenyi_cd": test.critical_difference}))
+    columns = ["protocol", "entry", "mean_rank", "cells", "friedman_chi2", "friedman_p", "nemenyi_cd"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def write_leaderboards(results: Path) -> list[Path]:
@@ -115,4 +161,6 @@ def write_leaderboards(results: Path) -> list[Path]:
         path = results / name
         write_text(path, wide_leaderboard(part).to_csv(index=False, float_format="%.4f"))
         written.append(path)
+    written.append(results / "ranking.csv")
+    write_text(written[-1], ranking_table(board).to_csv(index=False, float_format="%.4f"))
     return written

@@ -116,6 +116,17 @@ def test_leaderboard_averages_seeds(tmp_path):
     assert row["acc"] == pytest.approx(runs["acc"].mean())
     assert row["acc_std"] == pytest.approx(runs["acc"].std(ddof=1))
     assert row["comm_mb"] == pytest.approx(((runs["comm_up_bytes"] + runs["comm_down_bytes"]) / 1e6).mean())
+    assert row["acc_ci_low"] < row["acc"] < row["acc_ci_high"]
+
+
+def test_a_one_seed_cell_has_an_empty_std_and_an_interval_from_its_clients(tmp_path):
+    run_sweep(tiny_plan(algos=["fedavg", "local"], alphas=[0.5], seeds=(0,), clients=8), tmp_path, NO_DATA)
+    board = long_leaderboard(load_runs(tmp_path)).set_index("algo")
+    assert board["acc_std"].isna().all()
+    for algo in ("fedavg", "local"):
+        assert board.loc[algo, "acc_ci_low"] < board.loc[algo, "acc"] < board.loc[algo, "acc_ci_high"]
+    assert board["tied_best"].any() and set(board["rank"]) <= {1, 2}
+    assert board.loc["fedavg", "diff_vs_fedavg"] == 0.0 and board.loc["fedavg", "p_vs_fedavg"] == 1.0
 
 
 def test_report_rebuilds_csvs_and_plots_from_stored_runs(tmp_path):
@@ -125,7 +136,7 @@ def test_report_rebuilds_csvs_and_plots_from_stored_runs(tmp_path):
     assert result.exit_code == 0, result.output
     long = (results / "leaderboard.csv").read_text()
     wide = pd.read_csv(results / "leaderboard_digits.csv")
-    assert list(wide["rank"]) == [1, 2] and {"alpha=0.1", "alpha=0.5", "mean"} <= set(wide.columns)
+    assert list(wide["rank"]) == [1, 2] and {"alpha=0.1", "alpha=0.5", "alpha=0.1 rank", "mean_rank"} <= set(wide.columns)
     pngs = sorted(p.name.split("_")[0] for p in reports.glob("*.png"))
     assert pngs == ["acc", "clients", "clients", "convergence", "convergence", "partition", "partition"]
     page = (reports / "README.md").read_text()

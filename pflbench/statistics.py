@@ -1,0 +1,345 @@
+"""Uncertainty and significance for the leaderboard: intervals, paired tests, ranks.
+
+Runs of different algorithms with the same seed share the partition, the initial model and the
+sampled clients, and every client's test set is the same across algorithms, so results are
+paired by seed and by client. Every figure here is computed from the per-client counts of the
+final evaluation (`clients.csv`: n_test, correct), never from the rounded summaries.
+
+Which question each figure answers:
+
+- How precise is one algorithm's accuracy? `acc_ci_low`/`acc_ci_high`: a 95% percentile interval
+  from a hierarchical bootstrap (resample the seeds, then the clients within each drawn seed, and
+  recompute the seed-averaged pooled accuracy). With one seed the interval still reflects the
+  clients; with several it adds the seed-to-seed (training) variation. scipy.stats.bootstrap
+  resamples one level only, so the two-level resampling is done here with numpy, seeded.
+- Does A differ from B in one cell? The paired difference of their seed-averaged pooled accuracies,
+  its interval from the same hierarchical bootstrap applied to both at once (the same seeds and
+  clients drawn for both), and a p-value from a paired permutation test
+  (scipy.stats.permutation_test, swapping A's and B's correct counts within each (seed, client)
+  pair). p-values are Holm-corrected (statsmodels) within each family of a cell: each algorithm
+  against the cell's best, against FedAvg, against Local.
+- Which algorithms are indistinguishable from the best? `tied_best`: the best and every algorithm
+  whose Holm-corrected p-value against it is at least 0.05.
+- Across many cells (datasets x partitions x alphas of one protocol)? Mean ranks (ties averaged),
+  the Friedman test (scipy.stats.friedmanchisquare) on the algorithms present in every cell, and
+  the Nemenyi post-hoc test (scikit-posthocs) with its critical difference (Demsar 2006).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+CELL = ["dataset", "partition", "alpha", "protocol"]
+ENTRY = ["algo", "hp"]
+LEVEL = 0.95
+SIGNIFICANCE = 0.05
+RESAMPLES = 4000
+PERMUTATIONS = 9999
+SEED = 20260  # fixed: the same records always give the same intervals and p-values
+
+
+# -- per-client counts ------------------------------------------------------------------------------
+def final_clients(runs: pd.DataFrame, suffix: str = "") -> pd.DataFrame:
+    """One row per (run, client) at the run's final evaluation: the cell, the entry, the seed, the
+    client, `n` (test samples) and `correct` (`correct_ft` when suffix="_ft"; runs without it are
+    left out)."""
+    frames = []
+    for run in runs.itertuples():
+        clients = pd.read_csv(Path(run.run_dir) / "clients.csv")
+        column = f"correct{suffix}"
+        if column not in clients:
+            continue
+        last = clients[clients["round"] == clients["round"].max()]
+        frames.append(pd.DataFrame({
+            **{key: getattr(run, key) for key in (*CELL, *ENTRY, "seed")},
+            "client": last["client"].to_numpy(), "n": last["n_test"].to_numpy(),
+            "correct": last[column].to_numpy()}))
+    columns = [*CELL, *ENTRY, "seed", "client", "n", "correct"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+@dataclass
+class Counts:
+    """One entry's counts as (seeds x clients) arrays, seeds and clients in sorted order."""
+
+    seeds: list[int]
+    n: np.ndarray
+    correct: np.ndarray
+
+    @classmethod
+    def of(cls, rows: pd.DataFrame, seeds: list[int] | None = None) -> "Counts":
+        seeds = sorted(rows["seed"].unique().tolist()) if seeds is None else seeds
+        rows = rows[rows["seed"].isin(seeds)]
+        n = rows.pivot(index="seed", columns="client", values="n").loc[seeds]
+        correct = rows.pivot(index="seed", columns="client", values="correct").loc[seeds]
+        return cls(seeds, n.to_numpy(np.float64), correct.to_numpy(np.float64))
+
+
+def pooled(n: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Seed-averaged pooled accuracy (%) over the last two axes (seeds, clients)."""
+    return 100.0 * (correct.sum(-1) / n.sum(-1)).mean(-1)
+
+
+def client_mean(n: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Seed-averaged mean of per-client accuracies (%)."""
+    return 100.0 * (correct / n).mean(-1).mean(-1)
+
+
+STATISTICS = {"pooled": pooled, "client_mean": client_mean}
+
+
+def resample_indices(seeds: int, clients: int, resamples: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Hierarchical bootstrap draws: seed indices (B, S) and, per drawn seed, client indices
+    (B, S, C). The same draws applied to several entries make their resamples paired."""
+    seed_idx = rng.integers(seeds, size=(resamples, seeds))
+    client_idx = rng.integers(clients, size=(resamples, seeds, clients))
+    return seed_idx, client_idx
+
+
+def resampled(values: np.ndarray, seed_idx: np.ndarray, client_idx: np.ndarray) -> np.ndarray:
+    return values[seed_idx[..., None], client_idx]
+
+
+def interval(samples: np.ndarray) -> tuple[float, float]:
+    tail = 100 * (1 - LEVEL) / 2
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_interval(counts: Counts, statistic: str = "pooled", resamples: int = RESAMPLES,
+                       seed: int = SEED) -> tuple[float, float]:
+    """95% percentile interval of one entry's statistic by the hierarchical bootstrap."""
+    fn = STATISTICS[statistic]
+    rng = np.random.default_rng(seed)
+    s_idx, c_idx = resample_indices(*counts.n.shape, resamples, rng)
+    return interval(fn(resampled(counts.n, s_idx, c_idx), resampled(counts.correct, s_idx, c_idx)))
+
+
+@dataclass
+class PairedDifference:
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    seeds: int
+    seed_wins: int
+    client_wins: float
+    client_ties: float
+
+
+def paired_difference(a: Counts, b: Counts, resamples: int = RESAMPLES, permutations: int = PERMUTATIONS,
+                      seed: int = SEED) -> PairedDifference:
+    """A minus B on the same seeds and clients: difference of seed-averaged pooled accuracy, its
+    paired hierarchical-bootstrap interval, the paired permutation p-value (two-sided), how many
+    seeds A wins, and the share of (seed, client) pairs on which A is more accurate (and tied)."""
+    if a.seeds != b.seeds or a.n.shape != b.n.shape or not np.array_equal(a.n, b.n):
+        raise ValueError("paired comparison needs the same seeds, clients and test sets")
+    rng = np.random.default_rng(seed)
+    s_idx, c_idx = resample_indices(*a.n.shape, resamples, rng)
+    n = resampled(a.n, s_idx, c_idx)
+    draws = pooled(n, resampled(a.correct, s_idx, c_idx)) - pooled(n, resampled(b.correct, s_idx, c_idx))
+    diff = float(pooled(a.n, a.correct) - pooled(b.n, b.correct))
+    low, high = interval(draws)
+    # pooled difference = sum over pairs of w * (correct_A - correct_B), w = 100 / (S * n of its seed)
+    p_value = paired_p_value(a, b, permutations, seed)
+    per_seed = 100.0 * (a.correct.sum(1) / a.n.sum(1) - b.correct.sum(1) / b.n.sum(1))
+    acc_a, acc_b = a.correct / a.n, b.correct / b.n
+    return PairedDifference(diff=diff, ci_low=low, ci_high=high, p_value=p_value, seeds=len(a.seeds),
+                            seed_wins=int((per_seed > 0).sum()),
+                            client_wins=float((acc_a > acc_b).mean()), client_ties=float((acc_a == acc_b).mean()))
+
+
+def paired_p_value(a: Counts, b: Counts, permutations: int = PERMUTATIONS, seed: int = SEED) -> float:
+    """Two-sided p-value of a paired permutation test of A's and B's seed-averaged pooled accuracy:
+    under the null, A's and B's correct counts are exchangeable within each (seed, client) pair
+    (scipy.stats.permutation_test; exact when there are few pairs). Identical results give 1."""
+    # pooled difference = sum over pairs of w * (correct_A - correct_B), w = 100 / (S * n of its seed)
+    weights = (100.0 / (a.n.shape[0] * a.n.sum(1, keepdims=True)) * np.ones_like(a.n)).ravel()
+    x, y = a.correct.ravel(), b.correct.ravel()
+    if np.array_equal(x, y):
+        return 1.0
+    test = stats.permutation_test(
+        (x, y), lambda u, v, axis: (weights * (u - v)).sum(axis=axis), vectorized=True,
+        permutation_type="samples", n_resamples=permutations, alternative="two-sided",
+        rng=np.random.default_rng(seed))
+    return float(test.pvalue)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values (statsmodels), in the given order."""
+    if not p_values:
+        return []
+    return multipletests(p_values, method="holm")[1].tolist()
+
+
+# -- one cell ---------------------------------------------------------------------------------------
+def entry_label(algo: str, hp: str) -> str:
+    return algo if not hp else f"{algo}[{hp}]"
+
+
+def entry_labels(frame: pd.DataFrame) -> pd.Series:
+    """A name per row: the algorithm, or `algo[hyperparameters]` where the frame holds the same
+    algorithm with several hyperparameter settings."""
+    several = frame.groupby("algo")["hp"].transform("nunique") > 1
+    return pd.Series([entry_label(a, h) if s else a for a, h, s in zip(frame["algo"], frame["hp"], several)],
+                     index=frame.index)
+
+
+def cell_statistics(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per entry of one cell: intervals, and paired comparisons with the best, FedAvg and Local."""
+    entries = {key: Counts.of(part) for key, part in rows.groupby(ENTRY, sort=True)}
+    out = {key: {"acc_ci_low": np.nan} for key in entries}
+    for key, counts in entries.items():
+        low, high = bootstrap_interval(counts)
+        c_low, c_high = bootstrap_interval(counts, "client_mean")
+        out[key].update(acc_ci_low=low, acc_ci_high=high, acc_client_mean_ci_low=c_low,
+                        acc_client_mean_ci_high=c_high)
+    means = {key: float(pooled(c.n, c.correct)) for key, c in entries.items()}
+    best = max(means, key=lambda k: (means[k], k))
+    references = {"best": best}
+    for algo in ("fedavg", "local"):
+        found = sorted(k for k in entries if k[0] == algo)
+        if found:
+            references[algo] = found[0]
+    for name, ref in references.items():
+        keys = [k for k in entries if k != ref]
+        results = []
+        for key in keys:
+            shared = sorted(set(entries[key].seeds) & set(entries[ref].seeds))
+            if not shared:
+                results.append(None)
+                continue
+            results.append(paired_difference(Counts.of(rows[_is(rows, key)], shared),
+                                             Counts.of(rows[_is(rows, ref)], shared)))
+        tested = [r for r in results if r is not None]
+        adjusted = iter(holm([r.p_value for r in tested]))
+        for key, result in zip(keys, results):
+            if result is None:
+                continue
+            out[key].update({f"diff_vs_{name}": result.diff, f"diff_vs_{name}_ci_low": result.ci_low,
+                             f"diff_vs_{name}_ci_high": result.ci_high, f"p_vs_{name}": next(adjusted)})
+        out[ref].update({f"diff_vs_{name}": 0.0, f"p_vs_{name}": 1.0})
+    for key in entries:
+        out[key]["tied_best"] = key == best or out[key].get("p_vs_best", 0.0) >= SIGNIFICANCE
+    frame = pd.DataFrame.from_dict(out, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=ENTRY)
+    frame["best_entry"] = dict(zip(zip(rows["algo"], rows["hp"]), entry_labels(rows)))[best]
+    return frame.reset_index()
+
+
+def _is(rows: pd.DataFrame, key: tuple[str, str]) -> pd.Series:
+    return (rows["algo"] == key[0]) & (rows["hp"] == key[1])
+
+
+def leaderboard_statistics(runs: pd.DataFrame) -> pd.DataFrame:
+    """`cell_statistics` for every cell of the ok runs, plus `acc_ft` intervals where present."""
+    ok = runs[runs["status"] == "ok"] if len(runs) else runs
+    if ok.empty:
+        return pd.DataFrame(columns=[*CELL, *ENTRY])
+    rows = final_clients(ok)
+    frames = []
+    for cell, part in rows.groupby(CELL, sort=True, dropna=False):
+        frames.append(cell_statistics(part).assign(**dict(zip(CELL, cell))))
+    board = pd.concat(frames, ignore_index=True)
+    ft = final_clients(ok, "_ft")
+    if len(ft):
+        intervals = [{**dict(zip([*CELL, *ENTRY], key)),
+                      **dict(zip(("acc_ft_ci_low", "acc_ft_ci_high"), bootstrap_interval(Counts.of(part))))}
+                     for key, part in ft.groupby([*CELL, *ENTRY], sort=True, dropna=False)]
+        board = board.merge(pd.DataFrame(intervals), how="left", on=[*CELL, *ENTRY])
+    return board
+
+
+# -- across cells -----------------------------------------------------------------------------------
+def nemenyi_critical_difference(k: int, n: int, alpha: float = SIGNIFICANCE) -> float:
+    """Demsar (2006): CD = q_alpha * sqrt(k (k + 1) / (6 N)), q_alpha the studentized range
+    quantile for k groups and infinite degrees of freedom, divided by sqrt(2)."""
+    q = stats.studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2)
+    return float(q * math.sqrt(k * (k + 1) / (6.0 * n)))
+
+
+def friedman_from_mean_ranks(ranks: list[float], n: int) -> tuple[float, float]:
+    """Friedman's chi-square and the Iman-Davenport F from mean ranks over n blocks (no tie
+    correction): the formulas of Demsar (2006), section 3.2.2."""
+    k = len(ranks)
+    chi2 = 12.0 * n / (k * (k + 1)) * (sum(r * r for r in ranks) - k * (k + 1) ** 2 / 4.0)
+    return chi2, (n - 1) * chi2 / (n * (k - 1) - chi2)
+
+
+@dataclass
+class RankTest:
+    """Mean ranks over the cells where every listed entry ran, and the tests on them."""
+
+    ranks: pd.Series  # mean rank per entry, best (lowest) first
+    cells: int
+    chi2: float
+    p_value: float
+    critical_difference: float
+    posthoc: pd.DataFrame  # Nemenyi p-values, entries x entries
+
+
+def rank_test(board: pd.DataFrame, value: str = "acc") -> RankTest | None:
+    """Friedman and Nemenyi over complete blocks: the entries that ran in every cell (an entry
+    missing from some cell, such as an algorithm added later, is left out rather than dropping
+    the cells); None when there are fewer than 2 cells or fewer than 3 such entries."""
+    import scikit_posthocs
+
+    per_cell = board.assign(entry=entry_labels(board)).pivot_table(index=CELL, columns="entry", values=value)
+    complete = per_cell.dropna(axis=1)
+    if complete.shape[0] < 2 or complete.shape[1] < 3:
+        return None
+    ranks = complete.rank(axis=1, ascending=False, method="average").mean().sort_values()
+    if (complete.nunique(axis=1) == 1).all():  # every cell a complete tie: nothing to test
+        chi2, p_value = 0.0, 1.0
+    else:
+        chi2, p_value = stats.friedmanchisquare(*complete.to_numpy().T)
+    posthoc = scikit_posthocs.posthoc_nemenyi_friedman(complete.to_numpy())
+    posthoc.index = posthoc.columns = complete.columns
+    return RankTest(ranks=ranks, cells=complete.shape[0], chi2=float(chi2), p_value=float(p_value),
+                    critical_difference=nemenyi_critical_difference(complete.shape[1], complete.shape[0]),
+                    posthoc=posthoc.loc[ranks.index, ranks.index])
+
+
+def pairwise_outcomes(rows: pd.DataFrame, labels: dict[tuple[str, str], str]) -> pd.DataFrame:
+    """Every pair of entries in one cell, tested on their shared seeds: one row per ordered pair
+    (`entry`, `other`) with `outcome` +1 (entry significantly better, Holm-corrected over the
+    cell's pairs), -1 (significantly worse) or 0 (tie)."""
+    entries = {key: part for key, part in rows.groupby(ENTRY, sort=True)}
+    keys = list(entries)
+    pairs, p_values, signs = [], [], []
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            shared = sorted(set(entries[a]["seed"]) & set(entries[b]["seed"]))
+            if not shared:
+                continue
+            ca, cb = Counts.of(entries[a], shared), Counts.of(entries[b], shared)
+            pairs.append((a, b))
+            p_values.append(paired_p_value(ca, cb))
+            signs.append(np.sign(pooled(ca.n, ca.correct) - pooled(cb.n, cb.correct)))
+    out = []
+    for (a, b), p, sign in zip(pairs, holm(p_values), signs):
+        outcome = int(sign) if p < SIGNIFICANCE else 0
+        out.append({"entry": labels[a], "other": labels[b], "outcome": outcome})
+        out.append({"entry": labels[b], "other": labels[a], "outcome": -outcome})
+    return pd.DataFrame(out, columns=["entry", "other", "outcome"])
+
+
+def win_tie_loss(rows: pd.DataFrame) -> pd.DataFrame:
+    """Over every cell of `rows` (per-client counts, as `final_clients` gives): for each ordered
+    pair of entries, the cells where the row entry is significantly better (`wins`), worse
+    (`losses`) or neither (`ties`)."""
+    labels = dict(zip(zip(rows["algo"], rows["hp"]), entry_labels(rows)))
+    frames = [pairwise_outcomes(part, labels) for _, part in rows.groupby(CELL, sort=True, dropna=False)]
+    outcomes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["entry", "other", "outcome"])
+    grouped = outcomes.groupby(["entry", "other"])["outcome"]
+    return pd.DataFrame({"wins": grouped.apply(lambda o: int((o > 0).sum())),
+                         "ties": grouped.apply(lambda o: int((o == 0).sum())),
+                         "losses": grouped.apply(lambda o: int((o < 0).sum()))}).reset_index()

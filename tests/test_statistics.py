@@ -1,0 +1,128 @@
+"""Intervals, paired tests and ranks on synthetic per-client counts whose truth is known, and the
+Friedman / Nemenyi arithmetic against Demsar (2006)'s worked example."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from pflbench.statistics import (Counts, bootstrap_interval, cell_statistics, friedman_from_mean_ranks,
+                                 nemenyi_critical_difference, paired_difference, rank_test, win_tie_loss)
+
+CELL = {"dataset": "toy", "partition": "dirichlet", "alpha": 0.1, "protocol": "p"}
+
+
+def rows(algo, correct, n, hp=""):
+    """Per-client rows of one entry: `correct` and `n` are (seeds x clients) arrays."""
+    correct, n = np.asarray(correct), np.asarray(n)
+    out = []
+    for s in range(correct.shape[0]):
+        for c in range(correct.shape[1]):
+            out.append({**CELL, "algo": algo, "hp": hp, "seed": 40 + s, "client": c,
+                        "n": int(n[s, c]), "correct": int(correct[s, c])})
+    return pd.DataFrame(out)
+
+
+def toy_counts(seeds=3, clients=30, seed=0):
+    gen = np.random.default_rng(seed)
+    n = gen.integers(20, 60, size=(seeds, clients))
+    correct = np.floor(n * gen.uniform(0.5, 0.9, size=n.shape)).astype(int)
+    return n, correct
+
+
+def test_an_algorithm_better_on_every_client_of_every_seed_is_significant_and_first():
+    n, base = toy_counts()
+    better = np.minimum(base + 3, n)
+    assert (better > base).all()
+    table = cell_statistics(pd.concat([rows("b", base, n), rows("a", better, n), rows("c", base, n)])).set_index("algo")
+    assert table.loc["a", "tied_best"] and table["best_entry"].iloc[0] == "a"
+    assert table.loc["b", "p_vs_best"] < 0.01 and not table.loc["b", "tied_best"]
+    assert table.loc["b", "diff_vs_best"] < 0 and table.loc["b", "diff_vs_best_ci_high"] < 0
+
+
+def test_two_identical_algorithms_are_tied_with_p_one_and_identical_intervals():
+    n, correct = toy_counts()
+    table = cell_statistics(pd.concat([rows("a", correct, n), rows("b", correct, n)])).set_index("algo")
+    assert table.loc["b", "p_vs_best"] == 1.0 and table.loc["b", "diff_vs_best"] == 0.0
+    assert table.loc["a", "tied_best"] and table.loc["b", "tied_best"]
+    for column in ("acc_ci_low", "acc_ci_high", "acc_client_mean_ci_low", "acc_client_mean_ci_high"):
+        assert table.loc["a", column] == table.loc["b", column]
+
+
+def test_one_seed_still_has_an_interval_from_its_clients():
+    n, correct = toy_counts(seeds=1)
+    counts = Counts.of(rows("a", correct, n))
+    acc = 100.0 * correct.sum() / n.sum()
+    low, high = bootstrap_interval(counts)
+    assert low < acc < high and high - low > 1.0
+
+
+def test_the_bootstrap_and_the_permutation_test_are_seeded():
+    n, correct = toy_counts()
+    other = np.minimum(correct + np.random.default_rng(1).integers(-2, 3, size=n.shape).clip(0), n)
+    a, b = Counts.of(rows("a", correct, n)), Counts.of(rows("b", other, n))
+    assert paired_difference(a, b) == paired_difference(a, b)
+    assert bootstrap_interval(a) == bootstrap_interval(a)
+
+
+def test_paired_difference_counts_seed_wins_and_client_shares_exactly():
+    n = np.full((2, 4), 10)
+    a = np.array([[9, 9, 5, 5], [5, 5, 5, 5]])
+    b = np.array([[8, 9, 6, 5], [6, 6, 6, 6]])
+    result = paired_difference(Counts.of(rows("a", a, n)), Counts.of(rows("b", b, n)))
+    assert result.diff == pytest.approx(100 * ((28 - 28) / 40 + (20 - 24) / 40) / 2)
+    assert result.seed_wins == 0  # seed 0 ties (28 = 28), seed 1 is B's
+    assert result.client_wins == 1 / 8 and result.client_ties == 2 / 8
+
+
+def test_nemenyi_critical_values_match_demsar_table_5a():
+    # Demsar (2006), Table 5(a): q_0.05 for the two-tailed Nemenyi test, k = 2..10 classifiers
+    printed = [1.960, 2.343, 2.569, 2.728, 2.850, 2.949, 3.031, 3.102, 3.164]
+    for k, q in zip(range(2, 11), printed):
+        cd_one_block = nemenyi_critical_difference(k, 1) / np.sqrt(k * (k + 1) / 6.0)
+        assert abs(cd_one_block - q) <= 0.001  # the table's last digit is truncated in places
+
+
+def test_friedman_and_critical_difference_match_demsars_worked_example():
+    # Demsar (2006), section 3.2.2: four C4.5 variants on 14 data sets, mean ranks 3.143, 2.000,
+    # 2.893, 1.964: chi2_F = 9.28, F_F = 3.69; Nemenyi CD at 0.05 = 1.25 (and 1.12 at 0.10)
+    chi2, f = friedman_from_mean_ranks([3.143, 2.000, 2.893, 1.964], 14)
+    assert round(chi2, 2) == 9.28 and round(f, 2) == 3.69
+    assert round(nemenyi_critical_difference(4, 14), 2) == 1.25
+    assert round(nemenyi_critical_difference(4, 14, alpha=0.10), 2) == 1.12
+
+
+def test_scipys_friedman_agrees_with_the_mean_rank_formula_without_ties():
+    gen = np.random.default_rng(3)
+    scores = gen.permuted(np.tile(np.arange(5.0), (9, 1)), axis=1) + gen.uniform(0, 0.1, (9, 5))
+    ranks = stats.rankdata(-scores, axis=1).mean(0)
+    assert stats.friedmanchisquare(*scores.T).statistic == pytest.approx(friedman_from_mean_ranks(list(ranks), 9)[0])
+
+
+def board(cells):
+    """A long leaderboard of `acc` per (cell, algo): `cells` is a list of {algo: acc}."""
+    out = []
+    for i, accs in enumerate(cells):
+        out += [{**CELL, "alpha": 0.1 * (i + 1), "algo": algo, "hp": "", "acc": acc} for algo, acc in accs.items()]
+    return pd.DataFrame(out)
+
+
+def test_rank_test_orders_by_mean_rank_over_complete_cells():
+    cells = [{"a": 90, "b": 80, "c": 70, "d": 60}, {"a": 91, "b": 79, "c": 72, "d": 61},
+             {"a": 85, "b": 86, "c": 70, "d": 60}, {"a": 95, "b": 80, "c": 75}]  # d misses the last cell
+    result = rank_test(board(cells))
+    # d did not run everywhere, so the test keeps every cell and leaves d out
+    assert result.cells == 4 and list(result.ranks.index) == ["a", "b", "c"]
+    assert result.ranks["a"] == pytest.approx((1 + 1 + 2 + 1) / 4)
+    assert result.posthoc.shape == (3, 3)
+    assert rank_test(board(cells[:1])) is None
+
+
+def test_win_tie_loss_counts_significant_cells_only():
+    n, base = toy_counts()
+    better = np.minimum(base + 4, n)
+    two_cells = pd.concat([rows("a", better, n), rows("b", base, n),
+                           rows("a", base, n).assign(alpha=0.5), rows("b", base, n).assign(alpha=0.5)])
+    table = win_tie_loss(two_cells).set_index(["entry", "other"])
+    assert table.loc[("a", "b")].tolist() == [1, 1, 0]
+    assert table.loc[("b", "a")].tolist() == [0, 1, 1]
