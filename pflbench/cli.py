@@ -193,6 +193,45 @@ def report(
     typer.echo(f"report written to {build_report(results, reports)}")
 
 
+@app.command()
+@user_errors
+def compare(
+    a: str = typer.Argument(..., help="An algorithm (or algo[hp] where it ran with several settings)."),
+    b: str = typer.Argument(..., help="The algorithm to compare it with."),
+    results: Path = typer.Option(Path("results"), help="Results folder with runs/."),
+    dataset: Optional[str] = typer.Option(None, help="Only this dataset."),
+    alpha: Optional[List[float]] = typer.Option(None, help="Only these alphas, e.g. --alpha 0.1 0.5."),
+    format_: str = typer.Option("markdown", "--format", help="markdown or csv."),
+) -> None:
+    """A minus B, paired by seed and client, in every cell where both ran: difference, 95%
+    interval, p-value, seeds won and the share of clients on which A beats B."""
+    from pflbench.leaderboard import load_runs
+    from pflbench.report import markdown_table
+    from pflbench.statistics import compare as compare_entries, final_clients
+
+    if format_ not in ("markdown", "csv"):
+        raise UserError(f"--format {format_}: use markdown or csv")
+    if not (results / "runs").is_dir():
+        raise UserError(f"no runs in {results}; run `pflbench sweep` first or pass --results DIR")
+    runs = load_runs(results)
+    runs = runs[runs["status"] == "ok"] if len(runs) else runs
+    if dataset is not None:
+        runs = runs[runs["dataset"] == dataset]
+    if alpha:
+        runs = runs[runs["alpha"].isin(alpha)]
+    if runs.empty:
+        raise UserError(f"no finished runs in {results} match --dataset/--alpha")
+    try:
+        table = compare_entries(final_clients(runs), a, b)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if format_ == "csv":
+        typer.echo(table.to_csv(index=False, float_format="%.4f"), nl=False)
+    else:
+        shown = table.assign(**{c: table[c].map(lambda p: f"{p:.4f}") for c in ("p_value", "p_holm")})
+        typer.echo(markdown_table(shown))
+
+
 @app.command("list")
 @user_errors
 def list_(
@@ -212,7 +251,7 @@ def list_(
             typer.echo(f"  {'':<12}   --hp {key}={value}")
 
 
-MULTI_VALUE_FLAGS = {"sweep": ("--alpha", "--datasets", "--seeds")}
+MULTI_VALUE_FLAGS = {"sweep": ("--alpha", "--datasets", "--seeds"), "compare": ("--alpha",)}
 
 
 def expand_multi_value_flags(argv: list[str]) -> list[str]:

@@ -343,3 +343,37 @@ def win_tie_loss(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"wins": grouped.apply(lambda o: int((o > 0).sum())),
                          "ties": grouped.apply(lambda o: int((o == 0).sum())),
                          "losses": grouped.apply(lambda o: int((o < 0).sum()))}).reset_index()
+
+
+# -- two algorithms, cell by cell -------------------------------------------------------------------
+def compare(rows: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """A minus B in every cell of `rows` (per-client counts) where both ran, paired on their
+    shared seeds: accuracies, difference, 95% interval, p-value (and Holm-adjusted over the
+    cells listed), seeds won, and the shares of (seed, client) pairs A wins and ties. `a` and `b`
+    name entries as `entry_labels` does (the algorithm, or `algo[hp]` where it ran with several
+    hyperparameter settings). Raises ValueError naming what is wrong."""
+    labelled = rows.assign(entry=entry_labels(rows))
+    known = sorted(labelled["entry"].unique())
+    for name in (a, b):
+        if name not in known:
+            raise ValueError(f"no runs of '{name}' in these results; they hold: {', '.join(known)}")
+    if a == b:
+        raise ValueError("compare two different algorithms")
+    out = []
+    for cell, part in labelled.groupby(CELL, sort=True, dropna=False):
+        pa, pb = part[part["entry"] == a], part[part["entry"] == b]
+        shared = sorted(set(pa["seed"]) & set(pb["seed"]))
+        if not shared:
+            continue
+        ca, cb = Counts.of(pa, shared), Counts.of(pb, shared)
+        result = paired_difference(ca, cb)
+        out.append({**dict(zip(CELL, cell)), "seeds": result.seeds,
+                    f"acc_{a}": float(pooled(ca.n, ca.correct)), f"acc_{b}": float(pooled(cb.n, cb.correct)),
+                    "diff": result.diff, "ci_low": result.ci_low, "ci_high": result.ci_high,
+                    "p_value": result.p_value, "seed_wins": f"{result.seed_wins}/{result.seeds}",
+                    "client_wins_pct": 100.0 * result.client_wins, "client_ties_pct": 100.0 * result.client_ties})
+    if not out:
+        raise ValueError(f"'{a}' and '{b}' share no cell (dataset, partition, alpha, protocol) with a common seed")
+    table = pd.DataFrame(out)
+    table.insert(table.columns.get_loc("p_value") + 1, "p_holm", holm(table["p_value"].tolist()))
+    return table

@@ -126,3 +126,17 @@ def test_win_tie_loss_counts_significant_cells_only():
     table = win_tie_loss(two_cells).set_index(["entry", "other"])
     assert table.loc[("a", "b")].tolist() == [1, 1, 0]
     assert table.loc[("b", "a")].tolist() == [0, 1, 1]
+
+
+def test_compare_pairs_shared_seeds_per_cell_and_refuses_cells_it_cannot_pair():
+    from pflbench.statistics import compare
+
+    n, base = toy_counts()
+    better = np.minimum(base + 2, n)
+    table = compare(pd.concat([rows("a", better, n), rows("b", base, n)]), "a", "b")
+    assert len(table) == 1 and table["seed_wins"].iloc[0] == "3/3"
+    assert table["diff"].iloc[0] > 0 and table["p_value"].iloc[0] < 0.01
+    assert table["client_wins_pct"].iloc[0] == pytest.approx(100.0 * (better / n > base / n).mean())
+    apart = pd.concat([rows("a", better, n), rows("b", base, n).assign(alpha=0.5)])
+    with pytest.raises(ValueError, match="share no cell"):
+        compare(apart, "a", "b")

@@ -1,6 +1,7 @@
 """Sweeps: plan resolution, resumability, failures, leaderboards, report, kill-and-restart, Ray."""
 
 import importlib.util
+import io
 import os
 import signal
 import subprocess
@@ -122,6 +123,15 @@ def test_leaderboard_averages_seeds(tmp_path):
 def test_a_one_seed_cell_has_an_empty_std_and_an_interval_from_its_clients(tmp_path):
     run_sweep(tiny_plan(algos=["fedavg", "local"], alphas=[0.5], seeds=(0,), clients=8), tmp_path, NO_DATA)
     board = long_leaderboard(load_runs(tmp_path)).set_index("algo")
+    compare = CliRunner().invoke(app, ["compare", "local", "fedavg", "--results", str(tmp_path), "--format", "csv"])
+    assert compare.exit_code == 0, compare.output
+    table = pd.read_csv(io.StringIO(compare.output))
+    assert table["diff"].iloc[0] == pytest.approx(board.loc["local", "acc"] - board.loc["fedavg", "acc"])
+    assert table["seed_wins"].iloc[0] in ("0/1", "1/1")
+    for args, message in [(["local", "nope"], "no runs of 'nope'"), (["local", "local"], "two different"),
+                          (["local", "fedavg", "--alpha", "0.3"], "match --dataset/--alpha")]:
+        bad = CliRunner().invoke(app, ["compare", *args, "--results", str(tmp_path)])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
     assert board["acc_std"].isna().all()
     for algo in ("fedavg", "local"):
         assert board.loc[algo, "acc_ci_low"] < board.loc[algo, "acc"] < board.loc[algo, "acc_ci_high"]
