@@ -149,10 +149,11 @@ def ranking_table(board: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def write_leaderboards(results: Path) -> list[Path]:
-    """Rebuild `leaderboard.csv` (long) and `leaderboard_<dataset>.csv` (wide) from the records."""
+def write_leaderboards(results: Path, board: pd.DataFrame | None = None) -> list[Path]:
+    """Rebuild `leaderboard.csv` (long), `leaderboard_<dataset>.csv` (wide) and `ranking.csv` from
+    the records (or from `board`, their long leaderboard, when the caller has built it)."""
     results = Path(results)
-    board = long_leaderboard(load_runs(results))
+    board = long_leaderboard(load_runs(results)) if board is None else board
     written = [results / "leaderboard.csv"]
     write_text(written[0], board.to_csv(index=False, float_format="%.4f"))
     for (dataset, protocol), part in board.groupby(["dataset", "protocol"]):

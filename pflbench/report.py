@@ -19,6 +19,9 @@ import seaborn as sns  # noqa: E402
 
 from pflbench.atomic import atomic_path, write_text  # noqa: E402
 from pflbench.leaderboard import load_runs, long_leaderboard, wide_leaderboard, write_leaderboards  # noqa: E402
+from pflbench.statistics import entry_labels, final_clients, rank_test, win_tie_loss  # noqa: E402
+
+MAX_LINES = 8  # accuracy-versus-alpha shows at most this many algorithms (the best by mean rank)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -37,15 +40,72 @@ def _alpha_tag(alpha: float) -> str:
     return f"a{alpha:g}"
 
 
-def accuracy_vs_alpha(runs: pd.DataFrame, title: str, path: Path) -> Path:
+def accuracy_vs_alpha(board: pd.DataFrame, title: str, path: Path) -> Path:
+    """Accuracy against alpha with 95% interval bands, one line per algorithm of `board`."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    sns.lineplot(data=runs, x="alpha", y="acc", hue="algo", marker="o", errorbar="sd", ax=ax,
-                 palette=_palette(runs))
+    colours = dict(zip(sorted(board["algo"].unique()), _palette(board)))
+    for algo, part in board.sort_values("alpha").groupby("algo"):
+        ax.plot(part["alpha"], part["acc"], marker="o", color=colours[algo], label=algo)
+        if "acc_ci_low" in part:
+            ax.fill_between(part["alpha"], part["acc_ci_low"], part["acc_ci_high"], color=colours[algo], alpha=0.15)
     ax.set_xscale("log")
     ax.minorticks_off()
-    ax.set_xticks(sorted(runs["alpha"].unique()), labels=[f"{a:g}" for a in sorted(runs["alpha"].unique())])
+    ax.set_xticks(sorted(board["alpha"].unique()), labels=[f"{a:g}" for a in sorted(board["alpha"].unique())])
     ax.set(xlabel="Dirichlet alpha (lower = more heterogeneous)", ylabel="pooled accuracy (%)", title=title)
     ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def intervals(cell: pd.DataFrame, title: str, path: Path) -> Path:
+    """Dot-and-whisker: every algorithm's accuracy and 95% interval, best first; the algorithms
+    not significantly worse than the best are shaded."""
+    cell = cell.sort_values("acc", ascending=True).reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(cell) + 1.4))
+    tied = cell["tied_best"].fillna(False).astype(bool).to_numpy()
+    if tied.any():
+        ax.axhspan(tied.argmax() - 0.5, len(cell) - 0.5, color="tab:green", alpha=0.12, lw=0,
+                   label="tied with the best (p >= 0.05)")
+    err = [cell["acc"] - cell["acc_ci_low"], cell["acc_ci_high"] - cell["acc"]]
+    ax.errorbar(cell["acc"], range(len(cell)), xerr=err, fmt="o", color="k", ecolor="0.4", capsize=3, ms=4)
+    ax.set_yticks(range(len(cell)), labels=entry_labels(cell))
+    ax.set_ylim(-0.5, len(cell) - 0.5)
+    ax.set(xlabel="pooled accuracy (%) with 95% interval (bootstrap over seeds and clients)", title=title)
+    if tied.any():
+        ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def critical_difference(board: pd.DataFrame, title: str, path: Path) -> Path | None:
+    """Critical-difference diagram (scikit-posthocs): mean ranks over the cells, algorithms not
+    significantly different by the Nemenyi test joined by a bar; None with too few cells."""
+    import scikit_posthocs
+
+    test = rank_test(board)
+    if test is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.22 * len(test.ranks) + 1.6))
+    scikit_posthocs.critical_difference_diagram(test.ranks, test.posthoc, ax=ax)
+    ax.set_title(f"{title}\n{test.cells} cells; Friedman p = {test.p_value:.3g}; "
+                 f"Nemenyi CD = {test.critical_difference:.2f}", fontsize=9)
+    return _save(fig, path)
+
+
+def win_tie_loss_matrix(rows: pd.DataFrame, title: str, path: Path) -> Path | None:
+    """Heatmap: for each pair, cells where the row algorithm is significantly better minus cells
+    where it is significantly worse (Holm-corrected paired tests per cell); annotated w/t/l."""
+    table = win_tie_loss(rows)
+    if table.empty:
+        return None
+    net = table.assign(net=table["wins"] - table["losses"]).pivot(index="entry", columns="other", values="net")
+    order = net.sum(axis=1).sort_values(ascending=False).index
+    net = net.loc[order, order]
+    text = table.assign(t=[f"{w}/{t}/{l}" for w, t, l in zip(table["wins"], table["ties"], table["losses"])]) \
+        .pivot(index="entry", columns="other", values="t").loc[order, order].fillna("")
+    size = 0.5 * len(order) + 2
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    sns.heatmap(net, annot=text, fmt="", cmap="RdBu", center=0, cbar_kws={"label": "wins - losses (cells)"},
+                annot_kws={"fontsize": 6}, ax=ax)
+    ax.set(xlabel="", ylabel="", title=title)
     return _save(fig, path)
 
 
@@ -90,12 +150,40 @@ def label_distribution(run_dir: Path, title: str, path: Path) -> Path:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    def cell(v: object) -> str:
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    """A markdown table; floats to 2 decimals, p-values (columns `p_*`) to 4."""
+    def cell(column: str, v: object) -> str:
+        if isinstance(v, float):
+            if v != v:
+                return ""
+            return f"{v:.4f}" if column.startswith("p_") else f"{v:.2f}"
+        return str(v)
 
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row)) + " |"
+              for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+DETAIL = ["algo", "seeds", "acc", "acc_ci_low", "acc_ci_high", "acc_std", "rank", "tied_best", "diff_vs_best",
+          "p_vs_best", "p_vs_fedavg", "p_vs_local", "acc_client_mean", "acc_client_p10", "best_acc", "acc_ft",
+          "comm_mb", "grad_evals_vs_fedavg", "eval_adapt"]
+
+HOW_TO_READ = (
+    "How to read this page. `acc` is pooled accuracy (correct / test samples over all clients) at the final "
+    "evaluation, averaged over seeds; `acc_ci_low`-`acc_ci_high` is its 95% interval from a bootstrap that "
+    "resamples seeds and then clients, so even a one-seed cell shows how much its clients alone move it "
+    "(`acc_std`, over seeds, is empty with one seed). Runs with the same seed share the partition, the "
+    "initial model and the sampled clients, so algorithms are compared paired by seed and client: "
+    "`diff_vs_best` and `p_vs_best` (a paired permutation test, Holm-corrected within the cell) say how far "
+    "each algorithm is from the cell's best and whether that gap could be noise; `tied_best` marks every "
+    "algorithm not significantly worse than the best, and `rank` gives them all rank 1. In the "
+    "dot-and-whisker plots the shaded band holds that tied group. The critical-difference diagram places "
+    "algorithms by their mean rank over the cells (lower is better); algorithms joined by a bar are not "
+    "significantly different by the Nemenyi test after a Friedman test, and the wide tables are ordered "
+    "by that mean rank. The win/tie/loss matrix counts, for each pair, the cells where the row algorithm "
+    "is significantly better (w), not distinguishable (t) or significantly worse (l) than the column "
+    "one; its colour is wins minus losses. `grad_evals_vs_fedavg` is the local compute (sample-gradients) "
+    "relative to FedAvg's and `eval_adapt` what each algorithm does at test time.")
 
 
 def settings_line(runs: pd.DataFrame) -> str:
@@ -109,36 +197,63 @@ def settings_line(runs: pd.DataFrame) -> str:
 def build_report(results: Path, reports: Path) -> Path:
     """Rebuild the leaderboards, every plot and `reports/README.md` from the stored runs."""
     results, reports = Path(results), Path(reports)
-    write_leaderboards(results)
     runs = load_runs(results)
-    ok = runs[runs["status"] == "ok"] if len(runs) else runs
     board = long_leaderboard(runs)
-    page = ["# pflbench report", "",
-            f"Built by `pflbench report` from {len(ok)} stored run(s) in `{results}`.",
-            "`acc` is pooled accuracy (correct / test samples over all clients) at the final evaluation, "
-            "averaged over seeds; `acc_client_p10` is the 10th percentile of per-client accuracy.", ""]
+    write_leaderboards(results, board)
+    ok = runs[runs["status"] == "ok"] if len(runs) else runs
+    page = ["# pflbench report", "", f"Built by `pflbench report` from {len(ok)} stored run(s) in `{results}`.", "",
+            HOW_TO_READ, ""]
     failed = runs[runs["status"] == "failed"] if len(runs) else runs
-    for (dataset, protocol), part in ok.groupby(["dataset", "protocol"]) if len(ok) else []:
-        tag = f"{dataset}_{protocol}"
-        page += [f"## {dataset} ({protocol})", "", f"Settings: {settings_line(part)}.", "",
-                 markdown_table(wide_leaderboard(board[(board["dataset"] == dataset) &
-                                                       (board["protocol"] == protocol)])), ""]
-        if part["alpha"].nunique() > 1:
-            img = accuracy_vs_alpha(part, f"{dataset}: accuracy across heterogeneity", reports / f"acc_vs_alpha_{tag}.png")
-            page += [f"![accuracy versus alpha]({img.name})", ""]
-        for alpha, cell in part.groupby("alpha"):
-            at = f"{tag}_{_alpha_tag(alpha)}"
-            detail = board[(board["dataset"] == dataset) & (board["protocol"] == protocol) & (board["alpha"] == alpha)]
-            page += [f"### alpha = {alpha:g}", "", markdown_table(detail.drop(columns=["dataset", "protocol"])), ""]
-            figures = [
-                convergence(cell, f"{dataset}, alpha={alpha:g}: convergence", reports / f"convergence_{at}.png"),
-                client_distribution(cell, f"{dataset}, alpha={alpha:g}: per-client accuracy", reports / f"clients_{at}.png"),
-                label_distribution(Path(cell.iloc[0]["run_dir"]), f"{dataset}, alpha={alpha:g}: label counts per client",
-                                   reports / f"partition_{at}.png"),
-            ]
-            page += [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    for protocol, family in ok.groupby("protocol") if len(ok) else []:
+        for dataset, part in family.groupby("dataset"):
+            page += dataset_section(dataset, protocol, part, board[(board["dataset"] == dataset) &
+                                                                  (board["protocol"] == protocol)], reports)
+        if family["dataset"].nunique() > 1 or family["alpha"].nunique() > 1:
+            page += across_cells_section(protocol, family, board[board["protocol"] == protocol], reports)
     if len(failed):
         page += ["## Failed runs", "", markdown_table(failed[["algo", "dataset", "alpha", "seed", "error"]]), ""]
     path = reports / "README.md"
     write_text(path, "\n".join(page))
     return path
+
+
+def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.DataFrame, reports: Path) -> list[str]:
+    tag = f"{dataset}_{protocol}"
+    wide = wide_leaderboard(board)
+    page = [f"## {dataset} ({protocol})", "", f"Settings: {settings_line(runs)}.", "", markdown_table(wide), ""]
+    if runs["alpha"].nunique() > 1:
+        cd = critical_difference(board, f"{dataset}: mean rank over {board['alpha'].nunique()} alphas",
+                                 reports / f"cd_{tag}.png")
+        if cd is not None:
+            page += [f"![critical difference]({cd.name})", ""]
+        shown = board[board["algo"].isin(wide["algo"].head(MAX_LINES))]
+        img = accuracy_vs_alpha(shown, f"{dataset}: accuracy across heterogeneity (best {MAX_LINES} by mean rank)",
+                                reports / f"acc_vs_alpha_{tag}.png")
+        page += [f"![accuracy versus alpha]({img.name})", ""]
+    for alpha, cell in runs.groupby("alpha"):
+        at = f"{tag}_{_alpha_tag(alpha)}"
+        detail = board[board["alpha"] == alpha]
+        columns = [c for c in DETAIL if c in detail] + [c for c in detail if c.startswith(("published_", "best_acc_vs_"))]
+        figures = [
+            intervals(detail, f"{dataset}, alpha={alpha:g}: accuracy and 95% intervals", reports / f"intervals_{at}.png"),
+            convergence(cell, f"{dataset}, alpha={alpha:g}: convergence", reports / f"convergence_{at}.png"),
+            client_distribution(cell, f"{dataset}, alpha={alpha:g}: per-client accuracy", reports / f"clients_{at}.png"),
+            label_distribution(Path(cell.iloc[0]["run_dir"]), f"{dataset}, alpha={alpha:g}: label counts per client",
+                               reports / f"partition_{at}.png"),
+        ]
+        page += [f"### alpha = {alpha:g}", "", markdown_table(detail[columns]), ""]
+        page += [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    return page
+
+
+def across_cells_section(protocol: str, runs: pd.DataFrame, board: pd.DataFrame, reports: Path) -> list[str]:
+    cells = board.groupby(["dataset", "partition", "alpha"]).ngroups
+    page = [f"## Across all {cells} cells of {protocol}", ""]
+    cd = critical_difference(board, f"{protocol}: mean rank over {cells} cells", reports / f"cd_{protocol}.png")
+    if cd is not None:
+        page += [f"![critical difference]({cd.name})", ""]
+    wtl = win_tie_loss_matrix(final_clients(runs), f"{protocol}: significant wins/ties/losses over {cells} cells",
+                              reports / f"wtl_{protocol}.png")
+    if wtl is not None:
+        page += [f"![win/tie/loss]({wtl.name})", ""]
+    return page
