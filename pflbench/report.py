@@ -103,8 +103,10 @@ def win_tie_loss_matrix(rows: pd.DataFrame, title: str, path: Path) -> Path | No
         .pivot(index="entry", columns="other", values="t").loc[order, order].fillna("")
     size = 0.5 * len(order) + 2
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    sns.heatmap(net, annot=text, fmt="", cmap="RdBu", center=0, cbar_kws={"label": "wins - losses (cells)"},
-                annot_kws={"fontsize": 6}, ax=ax)
+    with warnings.catch_warnings():  # seaborn 0.13 calls matplotlib 3.11's deprecated Colormap.set_bad
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        sns.heatmap(net, annot=text, fmt="", cmap="RdBu", center=0, cbar_kws={"label": "wins - losses (cells)"},
+                    annot_kws={"fontsize": 6}, ax=ax)
     ax.set(xlabel="", ylabel="", title=title)
     return _save(fig, path)
 

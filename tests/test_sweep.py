@@ -141,14 +141,17 @@ def test_a_one_seed_cell_has_an_empty_std_and_an_interval_from_its_clients(tmp_p
 
 def test_report_rebuilds_csvs_and_plots_from_stored_runs(tmp_path):
     results, reports = tmp_path / "results", tmp_path / "reports"
-    run_sweep(tiny_plan(), results, NO_DATA)
+    run_sweep(tiny_plan(algos=("fedavg", "local", "fedper")), results, NO_DATA)
     result = CliRunner().invoke(app, ["report", "--results", str(results), "--reports", str(reports)])
     assert result.exit_code == 0, result.output
     long = (results / "leaderboard.csv").read_text()
     wide = pd.read_csv(results / "leaderboard_digits.csv")
-    assert list(wide["rank"]) == [1, 2] and {"alpha=0.1", "alpha=0.5", "alpha=0.1 rank", "mean_rank"} <= set(wide.columns)
+    assert len(wide) == 3 and list(wide["rank"]) == sorted(wide["rank"]) and list(wide["mean_rank"]) == sorted(wide["mean_rank"])
+    assert {"alpha=0.1", "alpha=0.5", "alpha=0.1 rank", "mean_rank"} <= set(wide.columns)
+    assert len(pd.read_csv(results / "ranking.csv")) == 3
     pngs = sorted(p.name.split("_")[0] for p in reports.glob("*.png"))
-    assert pngs == ["acc", "clients", "clients", "convergence", "convergence", "partition", "partition"]
+    assert pngs == ["acc", "cd", "cd", "clients", "clients", "convergence", "convergence", "intervals", "intervals",
+                    "partition", "partition", "wtl"]
     page = (reports / "README.md").read_text()
     assert all(f"]({p.name})" in page for p in reports.glob("*.png"))
     (results / "leaderboard.csv").unlink()
