@@ -7,9 +7,10 @@ from typing import Any
 from pflbench.errors import UserError
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Offline and small: every algorithm at two alphas in a few minutes on two CPU cores.
+    # Offline and small: every algorithm at two alphas, three seeds (so every cell has an interval
+    # over seeds as well as clients), in minutes on two CPU cores.
     "quick": {
-        "datasets": ["digits"], "alphas": [0.1, 0.5], "seeds": [0],
+        "datasets": ["digits"], "alphas": [0.1, 0.5], "seeds": [0, 1, 2],
         "clients": 10, "join_ratio": 1.0, "rounds": 10, "local_epochs": 2, "batch_size": 32,
         "lr": 0.05, "momentum": 0.0, "model": "mlp", "eval_every": 5,
     },

@@ -205,9 +205,13 @@ def test_ray_and_local_executors_give_the_same_leaderboard(tmp_path):
                                   comparable(long_leaderboard(load_runs(ray_results))))
 
 
+def test_the_quick_preset_runs_three_seeds():
+    assert build_plan(None, None, {}, []).seeds == [0, 1, 2]
+
+
 def test_sweep_cli_default_grid_runs_offline(tmp_path):
     result = CliRunner().invoke(app, expand_multi_value_flags(
-        ["sweep", "--algos", "all", "--alpha", "0.1", "0.5", "--rounds", "2",
+        ["sweep", "--algos", "all", "--alpha", "0.1", "0.5", "--rounds", "2", "--seeds", "0",
          "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports")]))
     assert result.exit_code == 0, result.output
     board = pd.read_csv(tmp_path / "results" / "leaderboard.csv")
