@@ -60,8 +60,8 @@ Where published implementations differ: the authors' ALA module (PFLlib) samples
 random slice of the data, keeps the last incomplete batch, records only the last batch's loss of
 each epoch for the convergence test, and detects the first round by comparing one tensor of the
 local and global models; PFLlib runs ALA on every client each round, sampled or not (so
-unsampled clients also learn W and move their local models), and evaluates both right after ALA
-and after local training. Here ALA's training-time run happens only on clients that train, as
+unsampled clients also learn W and move their local models), and evaluates right after that
+ALA, before the round's local training. Here ALA's training-time run happens only on clients that train, as
 in the paper's description of a client's round, and the evaluation-time ALA changes nothing.
 """
 
@@ -86,7 +86,7 @@ class FedALA(Algorithm):
     description = "Clients start each round from an element-wise learned mix of their local and the global model."
     citation = "Zhang et al., AAAI 2023"
     eval_adapt = ("ALA of the current global model and the client's local model: W learned for one epoch "
-                  "from the client's stored W on a {rand_percent}% training sample (to convergence from "
+                  "from the client's stored W on {rand_percent}% of its training data (to convergence from "
                   "W = 1 where it has none), then merged; W is not kept")
     eval_adapt_local = "none (the client's local model as last trained)"
 

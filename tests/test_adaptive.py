@@ -165,6 +165,10 @@ def test_fedala_with_weights_fixed_at_one_starts_from_the_global_model_and_train
     assert states_equal(engine.global_state, fedavg_engine.global_state)
     assert [r["train_loss"] for r in result.rounds] == [r["train_loss"] for r in fedavg.rounds]
     assert comm_bytes(result) == comm_bytes(fedavg)
+    # evaluation (default eval=ala) merges with W = 1 too, so it tests the global model: every
+    # figure is FedAvg's (only the compute differs: the evaluation-time W-learning is counted)
+    assert metrics(result) == metrics(fedavg)
+    assert result.summary["eval_grad_evals"] > 0 and fedavg.summary["eval_grad_evals"] == 0
 
 
 def test_fedala_first_participation_starts_from_the_global_model():
@@ -206,8 +210,9 @@ def test_fedala_layers_count_modules_from_the_output():
     assert two.top_keys == ("body.3.weight", "body.3.bias", *two.head_keys)
 
 
-def test_fedala_sends_the_whole_model_both_ways_and_evaluates_the_local_model():
-    engine = make_engine(small_config(algo="fedala", rounds=2, join_ratio=0.5))
+def test_fedala_sends_the_whole_model_both_ways_and_eval_local_evaluates_the_local_model():
+    # the default evaluation (ALA of the current global model) is tested in test_variants_adaptive
+    engine = make_engine(small_config(algo="fedala", rounds=2, join_ratio=0.5), eval="local")
     result = engine.run()
     algo, g = engine.algo, engine.global_state
     full = nbytes(g)
