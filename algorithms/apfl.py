@@ -105,10 +105,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.state import State, set_state
-from pflbench.training import TrainStats
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, set_state
+from pflbench.core.training import TrainStats
 
 class _LogitMixture(nn.Module):
     """alpha * personal(x) + (1 - alpha) * shared(x): the predictor of `mix=logits`."""

@@ -75,10 +75,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.state import State, get_state, set_state, subset
-from pflbench.training import TrainStats, stream_seed
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, get_state, set_state, subset
+from pflbench.core.training import TrainStats, stream_seed
 
 
 @register_algorithm("fedala")

@@ -7,8 +7,8 @@ global model (add `--finetune-epochs K` for FedAvg-FT). The engine's default hoo
 this algorithm, so the class only names it.
 """
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
 
 
 @register_algorithm("fedavg")

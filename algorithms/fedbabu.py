@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.state import State, get_state, set_state
-from pflbench.training import TrainStats
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, get_state, set_state
+from pflbench.core.training import TrainStats
 
 
 @register_algorithm("fedbabu")

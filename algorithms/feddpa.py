@@ -108,11 +108,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pflbench.algorithm import Algorithm
-from pflbench.masked import Mask, train_elements
-from pflbench.registry import register_algorithm
-from pflbench.state import State, min_max, set_state
-from pflbench.training import TrainStats, cross_entropy
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.masked import Mask, train_elements
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, min_max, set_state
+from pflbench.core.training import TrainStats, cross_entropy
 
 PERSONAL_STREAM = "feddpa-personal"
 

@@ -29,9 +29,9 @@ from typing import Literal
 
 import torch
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.state import State, min_max
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, min_max
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

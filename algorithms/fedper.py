@@ -7,8 +7,8 @@ stays on the client. Clients are evaluated with the global body and their own he
 never sampled yet has the initial head).
 """
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
 
 
 @register_algorithm("fedper")

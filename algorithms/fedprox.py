@@ -35,11 +35,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.regularizers import proximal_loss
-from pflbench.state import State, get_state
-from pflbench.training import LossFn, TrainStats
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
+from pflbench.core.regularizers import proximal_loss
+from pflbench.core.state import State, get_state
+from pflbench.core.training import LossFn, TrainStats
 
 
 @register_algorithm("fedprox")

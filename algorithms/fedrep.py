@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.training import TrainStats
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
+from pflbench.core.training import TrainStats
 
 
 @register_algorithm("fedrep")

@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.state import State, set_state
-from pflbench.training import TrainStats
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, set_state
+from pflbench.core.training import TrainStats
 
 
 def log_prior_shift(counts: torch.Tensor) -> torch.Tensor:

@@ -83,11 +83,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pflbench.algorithm import Algorithm, Upload
-from pflbench.masked import train_elements
-from pflbench.registry import register_algorithm
-from pflbench.state import State, weighted_mean
-from pflbench.training import TrainStats
+from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.masked import train_elements
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, weighted_mean
+from pflbench.core.training import TrainStats
 
 PERSONAL_STREAM = "fedselect-personal"
 

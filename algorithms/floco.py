@@ -84,11 +84,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.algorithm import Algorithm, Upload
+from pflbench.core.algorithm import Algorithm, Upload
 from pflbench.errors import UserError
-from pflbench.registry import register_algorithm
-from pflbench.state import State, nbytes, set_state
-from pflbench.training import TrainStats, stream_seed
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, nbytes, set_state
+from pflbench.core.training import TrainStats, stream_seed
 
 MAX_BATCHES = 10_000
 MIN_ACCEPTANCE = 0.005  # see snap_center

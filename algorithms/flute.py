@@ -60,11 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.algorithm import Algorithm, Upload
+from pflbench.core.algorithm import Algorithm, Upload
 from pflbench.errors import UserError
-from pflbench.registry import register_algorithm
-from pflbench.state import State, subset, weighted_mean
-from pflbench.training import TrainStats
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, subset, weighted_mean
+from pflbench.core.training import TrainStats
 
 LABELS = "flute.labels"
 

@@ -55,10 +55,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pflbench.algorithm import Algorithm
+from pflbench.core.algorithm import Algorithm
 from pflbench.errors import UserError
-from pflbench.registry import register_algorithm
-from pflbench.state import State, subset
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, subset
 
 
 def layers_of(keys: tuple[str, ...]) -> list[list[str]]:

@@ -5,8 +5,8 @@ each client starts from the same random initialization and keeps its whole model
 it trains `local_epochs` of SGD on its own samples.
 """
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
+from pflbench.core.algorithm import Algorithm
+from pflbench.core.registry import register_algorithm
 
 
 @register_algorithm("local")

@@ -79,10 +79,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.algorithm import Algorithm, Upload
-from pflbench.registry import register_algorithm
-from pflbench.state import State, get_state, set_state, weighted_mean
-from pflbench.training import TrainStats
+from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, get_state, set_state, weighted_mean
+from pflbench.core.training import TrainStats
 
 EVAL_STREAM = "perfedavg-eval"
 

@@ -77,11 +77,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.algorithm import Algorithm
+from pflbench.core.algorithm import Algorithm
 from pflbench.errors import UserError
-from pflbench.registry import register_algorithm
-from pflbench.state import State, set_state, subset
-from pflbench.training import EVAL_BATCH, TrainStats, stream_seed
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, set_state, subset
+from pflbench.core.training import EVAL_BATCH, TrainStats, stream_seed
 
 MEANS, COV = "head.means", "head.cov"
 

@@ -72,10 +72,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pflbench.algorithm import Algorithm, Upload
-from pflbench.registry import register_algorithm
-from pflbench.state import State, get_state, set_state, weighted_mean
-from pflbench.training import TrainStats, cross_entropy
+from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.registry import register_algorithm
+from pflbench.core.state import State, get_state, set_state, weighted_mean
+from pflbench.core.training import TrainStats, cross_entropy
 
 
 @register_algorithm("pfedme")

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.fedavg import FedAvg
-from pflbench.config import RunConfig
-from pflbench.data import Dataset
-from pflbench.engine import Engine
-from pflbench.models import build_model
-from pflbench.partition import ClientSplit, PartitionSpec, partition
-from pflbench.training import stream_seed
+from pflbench.experiments.config import RunConfig
+from pflbench.core.data import Dataset
+from pflbench.core.engine import Engine
+from pflbench.core.models import build_model
+from pflbench.core.partition import ClientSplit, PartitionSpec, partition
+from pflbench.core.training import stream_seed
 
 NUM_IMAGES = 60_000
 IMAGE_SHAPE = (3, 32, 32)

@@ -18,9 +18,8 @@ Use it without installing anything:
 
 from dataclasses import dataclass
 
-from pflbench.algorithm import Algorithm
-from pflbench.registry import register_algorithm
-from pflbench.state import weighted_mean
+from pflbench import Algorithm, register_algorithm
+from pflbench.core.state import weighted_mean
 
 
 @register_algorithm("fedavgm")

@@ -1,8 +1,19 @@
 """pflbench: a benchmark harness for personalized federated learning.
 
-Layout: `pflbench.data` loads datasets, `pflbench.partition` splits them across clients,
-`pflbench.engine` runs the one round loop over an algorithm's hooks (`pflbench.algorithm`),
-`pflbench.records` writes a run's record, `pflbench.cli` is the command line.
+The package is laid out by the stage of the data flow:
+
+- `pflbench.core`: the training core (datasets, partitions, models, the algorithm hooks, the one
+  round loop, local training);
+- `pflbench.experiments`: run settings, run records, sweeps and their executors;
+- `pflbench.analysis`: leaderboards, statistics, published numbers and reports from the records;
+- `pflbench.cli`: the command line over all three.
+
+An algorithm plugin needs only `from pflbench import Algorithm, register_algorithm`.
 """
 
 __version__ = "0.1.0"
+
+from pflbench.core.algorithm import Algorithm, Upload  # noqa: E402
+from pflbench.core.registry import register_algorithm  # noqa: E402
+
+__all__ = ["Algorithm", "Upload", "register_algorithm", "__version__"]

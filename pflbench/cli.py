@@ -14,12 +14,12 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pflbench.config import RunConfig
-from pflbench.data import available_datasets, data_root
+from pflbench.experiments.config import RunConfig
+from pflbench.core.data import available_datasets, data_root
 from pflbench.errors import UserError
-from pflbench.models import MODELS
-from pflbench.options import given, with_run_flags
-from pflbench.registry import ALGORITHMS, get_algorithm, hyperparam_defaults, load_algorithms, \
+from pflbench.core.models import MODELS
+from pflbench.experiments.options import given, with_run_flags
+from pflbench.core.registry import ALGORITHMS, get_algorithm, hyperparam_defaults, load_algorithms, \
     parse_hp_pairs, resolve_hyperparams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -116,8 +116,8 @@ def run(
     **flags: Any,
 ) -> None:
     """Train one federated run and write its record."""
-    from pflbench.records import read_summary
-    from pflbench.runner import execute
+    from pflbench.experiments.records import read_summary
+    from pflbench.experiments.runner import execute
 
     warn(load_algorithms(plugin or ()))
     config = build_config(algo, hp or [], dataset=dataset, alpha=alpha, seed=seed, **flags)
@@ -153,9 +153,9 @@ def sweep(
     **flags: Any,
 ) -> None:
     """Train every algorithm x dataset x alpha x seed not yet done, then rebuild leaderboards and plots."""
-    from pflbench.executors import default_workers
-    from pflbench.report import build_report
-    from pflbench.sweep import build_plan, run_sweep
+    from pflbench.experiments.executors import default_workers
+    from pflbench.analysis.report import build_report
+    from pflbench.experiments.sweep import build_plan, run_sweep
 
     warn(load_algorithms(plugin or ()))
     grid = {"algos": algos, "alphas": alpha or None, "datasets": datasets or None, "seeds": seeds or None}
@@ -186,7 +186,7 @@ def report(
     reports: Path = typer.Option(Path("reports"), help="Where plots and README.md go."),
 ) -> None:
     """Rebuild every leaderboard CSV and plot from stored runs, without training."""
-    from pflbench.report import build_report
+    from pflbench.analysis.report import build_report
 
     if not (results / "runs").is_dir():
         raise UserError(f"no runs in {results}; run `pflbench sweep` first or pass --results DIR")
@@ -205,9 +205,9 @@ def compare(
 ) -> None:
     """A minus B, paired by seed and client, in every cell where both ran: difference, 95%
     interval, p-value, seeds won and the share of clients on which A beats B."""
-    from pflbench.leaderboard import load_runs
-    from pflbench.report import markdown_table
-    from pflbench.statistics import compare as compare_entries, final_clients
+    from pflbench.analysis.leaderboard import load_runs
+    from pflbench.analysis.report import markdown_table
+    from pflbench.analysis.statistics import compare as compare_entries, final_clients
 
     if format_ not in ("markdown", "csv"):
         raise UserError(f"--format {format_}: use markdown or csv")

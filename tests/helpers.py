@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from pflbench.config import RunConfig
-from pflbench.data import Dataset, load_dataset
-from pflbench.engine import Engine
-from pflbench.partition import partition
-from pflbench.registry import get_algorithm, load_algorithms, resolve_hyperparams
-from pflbench.runner import partition_spec
+from pflbench.experiments.config import RunConfig
+from pflbench.core.data import Dataset, load_dataset
+from pflbench.core.engine import Engine
+from pflbench.core.partition import partition
+from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.experiments.runner import partition_spec
 
 
 @functools.lru_cache(maxsize=None)

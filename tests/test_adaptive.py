@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import comm_bytes, finite_accuracy, make_engine, metrics, small_config, states_equal
-from pflbench.state import get_state, nbytes, set_state, subset, weighted_mean
+from pflbench.core.state import get_state, nbytes, set_state, subset, weighted_mean
 
 
 # -- APFL -------------------------------------------------------------------------------------------

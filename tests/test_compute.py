@@ -4,7 +4,7 @@ training apart from test-time adaptation, and each algorithm's declared test-tim
 import pytest
 
 from helpers import make_engine, small_config
-from pflbench.registry import ALGORITHMS, load_algorithms
+from pflbench.core.registry import ALGORITHMS, load_algorithms
 
 
 def samples_trained(engine) -> int:

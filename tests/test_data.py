@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import pflbench.data as data
+import pflbench.core.data as data
 from pflbench.atomic import atomic_path, save_npz, write_text
-from pflbench.data import (DATA_ROOT_ENV, available_datasets, data_root, load_arrays, load_dataset,
+from pflbench.core.data import (DATA_ROOT_ENV, available_datasets, data_root, load_arrays, load_dataset,
                            read_npz, to_npz_arrays)
 from pflbench.errors import UserError
 

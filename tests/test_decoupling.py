@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import comm_bytes, make_engine, metrics, small_config, states_equal
-from pflbench.state import get_state, nbytes, set_state, subset, weighted_mean
+from pflbench.core.state import get_state, nbytes, set_state, subset, weighted_mean
 
 
 def test_fedobp_with_q1_is_exactly_fedavg():

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import digits, make_engine, small_config, states_equal, without_timing
-from pflbench.engine import client_schedule
-from pflbench.models import build_model
-from pflbench.state import get_state, nbytes
+from pflbench.core.engine import client_schedule
+from pflbench.core.models import build_model
+from pflbench.core.state import get_state, nbytes
 
 
 def test_fedavg_with_one_client_equals_plain_sgd_on_its_data():

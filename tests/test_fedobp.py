@@ -3,7 +3,7 @@
 import torch
 
 from helpers import make_engine, small_config, states_equal
-from pflbench.state import subset
+from pflbench.core.state import subset
 
 
 def fedobp(**hp):

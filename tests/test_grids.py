@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pflbench.registry import get_algorithm, load_algorithms, resolve_hyperparams
-from pflbench.sweep import build_plan
+from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.experiments.sweep import build_plan
 
 GRIDS = sorted((Path(__file__).resolve().parents[1] / "grids").glob("*.toml"))
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import comm_bytes, make_engine, small_config, states_equal, without_timing
-from pflbench.state import get_state, nbytes, set_state, subset
+from pflbench.core.state import get_state, nbytes, set_state, subset
 
 
 def capture_uploads(algo):

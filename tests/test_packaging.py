@@ -1,4 +1,5 @@
-"""Built-in algorithms load from a wheel install, not only from the source checkout."""
+"""Built-in algorithms and the package's data load from a wheel install, not only from the source
+checkout."""
 
 import importlib.util
 import os
@@ -10,10 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
-import algorithms, pflbench.registry as r
+import algorithms, pflbench.core.registry as r
+from pflbench.analysis.published import load_published
 r.load_algorithms()
 print(algorithms.__file__)
 print(sorted(r.ALGORITHMS))
+print(len(load_published()))
 """
 
 
@@ -30,7 +33,8 @@ def test_wheel_install_registers_every_builtin(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert probe.returncode == 0, probe.stderr
-    location, names = probe.stdout.strip().splitlines()
+    location, names, published_rows = probe.stdout.strip().splitlines()
+    assert int(published_rows) > 0  # the published numbers ship with the package
     assert location.startswith(str(target))
     for name in ("fedavg", "local", "fedper", "fedrep", "fedbabu", "lgfedavg", "fedobp"):
         assert f"'{name}'" in names

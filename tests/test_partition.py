@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pflbench.errors import UserError
-from pflbench.partition import PartitionSpec, cached_partition, label_counts, partition
+from pflbench.core.partition import PartitionSpec, cached_partition, label_counts, partition
 
 LABELS = np.repeat(np.arange(10), 200)  # 2,000 samples, 10 balanced classes
 
@@ -85,6 +85,6 @@ def test_cache_returns_the_same_splits_without_recomputing(tmp_path, monkeypatch
     def fail(*_):
         raise AssertionError("recomputed despite the cache")
 
-    monkeypatch.setattr("pflbench.partition.partition", fail)
+    monkeypatch.setattr("pflbench.core.partition.partition", fail)
     second = cached_partition(LABELS, spec, tmp_path)
     assert all(np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test) for a, b in zip(first, second))

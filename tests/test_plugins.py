@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from helpers import make_engine, small_config, without_timing
 from pflbench.cli import app
 from pflbench.errors import UserError
-from pflbench.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fedavgm.py"
 BUILTINS = {"fedavg", "local", "fedper", "fedrep", "fedbabu", "lgfedavg", "fedobp", "fedprox", "ditto",
@@ -56,8 +56,8 @@ def test_example_plugin_without_momentum_is_fedavg():
 
 def test_plugin_folder_registers_every_file(tmp_path):
     (tmp_path / "mine.py").write_text(
-        "from pflbench.algorithm import Algorithm\n"
-        "from pflbench.registry import register_algorithm\n\n"
+        "from pflbench.core.algorithm import Algorithm\n"
+        "from pflbench.core.registry import register_algorithm\n\n"
         "@register_algorithm('mine_folder_algo')\n"
         "class Mine(Algorithm):\n"
         "    description = 'FedAvg under another name.'\n"

@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from pflbench.presets import PRESETS
-from pflbench.published import PROTOCOL, attach_published, is_paper_protocol, load_published
+from pflbench.experiments.presets import PRESETS
+from pflbench.analysis.published import PROTOCOL, attach_published, is_paper_protocol, load_published
 
 
 def test_the_fedobp_preset_is_the_paper_protocol_and_other_settings_are_not():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import comm_bytes, make_engine, metrics, small_config, states_equal
-from pflbench.state import get_state, nbytes, set_state, weighted_mean
-from pflbench.training import cross_entropy
+from pflbench.core.state import get_state, nbytes, set_state, weighted_mean
+from pflbench.core.training import cross_entropy
 
 
 def spy_uploads(algo):

@@ -5,9 +5,9 @@ import math
 import torch
 
 from helpers import comm_bytes, finite_accuracy, make_engine, metrics, small_config, states_equal
-from pflbench.algorithm import Upload
-from pflbench.masked import train_elements
-from pflbench.state import get_state, nbytes
+from pflbench.core.algorithm import Upload
+from pflbench.core.masked import train_elements
+from pflbench.core.state import get_state, nbytes
 
 
 # -- shared helper: training a subset of elements -------------------------------------------------

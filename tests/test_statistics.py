@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pflbench.statistics import (Counts, bootstrap_interval, cell_statistics, friedman_from_mean_ranks,
+from pflbench.analysis.statistics import (Counts, bootstrap_interval, cell_statistics, friedman_from_mean_ranks,
                                  nemenyi_critical_difference, paired_difference, rank_test, win_tie_loss)
 
 CELL = {"dataset": "toy", "partition": "dirichlet", "alpha": 0.1, "protocol": "p"}
@@ -129,7 +129,7 @@ def test_win_tie_loss_counts_significant_cells_only():
 
 
 def test_compare_pairs_shared_seeds_per_cell_and_refuses_cells_it_cannot_pair():
-    from pflbench.statistics import compare
+    from pflbench.analysis.statistics import compare
 
     n, base = toy_counts()
     better = np.minimum(base + 2, n)

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from pflbench.cli import app, expand_multi_value_flags
 from pflbench.errors import UserError
-from pflbench.leaderboard import load_runs, long_leaderboard
-from pflbench.registry import load_algorithms
-from pflbench.sweep import SweepPlan, build_plan, run_sweep
+from pflbench.analysis.leaderboard import load_runs, long_leaderboard
+from pflbench.core.registry import load_algorithms
+from pflbench.experiments.sweep import SweepPlan, build_plan, run_sweep
 
 TINY = {"clients": 4, "rounds": 2, "local_epochs": 1, "eval_every": 1, "model": "mlp"}
 NO_DATA = Path("/nonexistent-data-root")
@@ -216,7 +216,7 @@ def test_sweep_cli_default_grid_runs_offline(tmp_path):
     assert result.exit_code == 0, result.output
     board = pd.read_csv(tmp_path / "results" / "leaderboard.csv")
     load_algorithms()
-    from pflbench.registry import ALGORITHMS
+    from pflbench.core.registry import ALGORITHMS
 
     assert len(board) == 2 * len(ALGORITHMS)
     assert (tmp_path / "reports" / "README.md").exists()

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import make_engine, metrics, small_config, states_equal
-from pflbench.registry import get_algorithm, load_algorithms
-from pflbench.state import get_state, set_state
+from pflbench.core.registry import get_algorithm, load_algorithms
+from pflbench.core.state import get_state, set_state
 
 
 def algorithm_class(name):

@@ -8,7 +8,7 @@ import torch
 
 from helpers import comm_bytes, finite_accuracy, make_engine, metrics, small_config, states_equal
 from pflbench.errors import UserError
-from pflbench.state import min_max, nbytes, subset, weighted_mean
+from pflbench.core.state import min_max, nbytes, subset, weighted_mean
 
 
 # -- FedDPA: mask=quantile ------------------------------------------------------------------------

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pflbench.state import State
-from pflbench.training import LossFn, cross_entropy
+from pflbench.core.state import State
+from pflbench.core.training import LossFn, cross_entropy
 
 
 def proximal_loss(anchor: State, coef: float) -> LossFn:

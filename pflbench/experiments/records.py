@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pflbench.atomic import write_json
-from pflbench.config import RunConfig
+from pflbench.experiments.config import RunConfig
 
 RUNS = "runs"
 STAGING_PREFIX = ".staging-"

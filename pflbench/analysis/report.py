@@ -18,8 +18,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from pflbench.atomic import atomic_path, write_text  # noqa: E402
-from pflbench.leaderboard import load_runs, long_leaderboard, wide_leaderboard, write_leaderboards  # noqa: E402
-from pflbench.statistics import entry_labels, final_clients, rank_test, win_tie_loss  # noqa: E402
+from pflbench.analysis.leaderboard import load_runs, long_leaderboard, wide_leaderboard, write_leaderboards  # noqa: E402
+from pflbench.analysis.statistics import entry_labels, final_clients, rank_test, win_tie_loss  # noqa: E402
 
 MAX_LINES = 8  # accuracy-versus-alpha shows at most this many algorithms (the best by mean rank)
 

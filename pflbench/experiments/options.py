@@ -1,6 +1,6 @@
 """The training flags shared by `pflbench run` and `pflbench sweep`, declared once.
 
-Each flag is a field of :class:`~pflbench.config.RunConfig`; `run` shows the config's default,
+Each flag is a field of :class:`~pflbench.experiments.config.RunConfig`; `run` shows the config's default,
 `sweep` leaves it unset so a preset or config file can supply it. :func:`with_run_flags` adds
 the flags to a command's signature, which is what typer reads.
 """
@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from pflbench.config import RunConfig
+from pflbench.experiments.config import RunConfig
 
 RUN_FLAGS: dict[str, str] = {
     "partition": "dirichlet, shards or iid.",

@@ -1,6 +1,6 @@
 """The hooks an algorithm overrides; the defaults are FedAvg.
 
-The engine (:mod:`pflbench.engine`) owns the round loop and calls these hooks; an algorithm
+The engine (:mod:`pflbench.core.engine`) owns the round loop and calls these hooks; an algorithm
 overrides only what makes it different. State is a `{parameter name: tensor}` dict.
 
 Per round, for each sampled client ``cid``:
@@ -36,10 +36,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from pflbench.config import RunConfig
-from pflbench.models import SplitModel, param_roles
-from pflbench.state import State, set_state, subset, weighted_mean
-from pflbench.training import ClientData, Trainer, TrainStats
+from pflbench.experiments.config import RunConfig
+from pflbench.core.models import SplitModel, param_roles
+from pflbench.core.state import State, set_state, subset, weighted_mean
+from pflbench.core.training import ClientData, Trainer, TrainStats
 
 Role = Literal["head", "body", "all"]
 

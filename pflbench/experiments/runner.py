@@ -9,12 +9,12 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable
 
-from pflbench.config import RunConfig
-from pflbench.data import load_dataset
-from pflbench.engine import Engine, ProgressFn, resolve_device
-from pflbench.partition import PartitionSpec, cached_partition, label_counts
-from pflbench.records import RunRecord, write_run
-from pflbench.registry import get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.experiments.config import RunConfig
+from pflbench.core.data import load_dataset
+from pflbench.core.engine import Engine, ProgressFn, resolve_device
+from pflbench.core.partition import PartitionSpec, cached_partition, label_counts
+from pflbench.experiments.records import RunRecord, write_run
+from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
 
 
 def partition_spec(config: RunConfig) -> PartitionSpec:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pflbench.config import RunConfig
+from pflbench.experiments.config import RunConfig
 from pflbench.errors import UserError
-from pflbench.records import RunRecord, failed_record
+from pflbench.experiments.records import RunRecord, failed_record
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def run_cell(cell: Cell) -> RunRecord:
     """Train one cell; any exception becomes a failed record."""
     import torch
 
-    from pflbench.runner import compute_run
+    from pflbench.experiments.runner import compute_run
 
     torch.set_num_threads(cell.threads)
     try:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pflbench.training import Trainer, TrainStats, cross_entropy
+from pflbench.core.training import Trainer, TrainStats, cross_entropy
 
 Mask = dict[str, torch.Tensor]
 

@@ -16,15 +16,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pflbench.algorithm import Algorithm, Context, Upload
-from pflbench.config import RunConfig
-from pflbench.data import Dataset
+from pflbench.core.algorithm import Algorithm, Context, Upload
+from pflbench.experiments.config import RunConfig
+from pflbench.core.data import Dataset
 from pflbench.errors import UserError
-from pflbench.metrics import evaluation_figures
-from pflbench.models import build_model
-from pflbench.partition import ClientSplit
-from pflbench.state import get_state, nbytes, set_state, subset
-from pflbench.training import ClientData, Trainer, TrainStats
+from pflbench.core.metrics import evaluation_figures
+from pflbench.core.models import build_model
+from pflbench.core.partition import ClientSplit
+from pflbench.core.state import get_state, nbytes, set_state, subset
+from pflbench.core.training import ClientData, Trainer, TrainStats
 
 ProgressFn = Callable[[int, dict[str, float] | None], None]
 

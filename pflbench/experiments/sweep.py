@@ -2,7 +2,7 @@
 executor into one results folder, skipping every run that already has a record.
 
 A run's identity is the hash of its resolved config, and a record appears only when complete
-(see :mod:`pflbench.records`), so a sweep killed at any moment and started again redoes nothing
+(see :mod:`pflbench.experiments.records`), so a sweep killed at any moment and started again redoes nothing
 that finished and loses nothing.
 """
 
@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pflbench.config import RunConfig
-from pflbench.data import BUILTIN_DATASETS
+from pflbench.experiments.config import RunConfig
+from pflbench.core.data import BUILTIN_DATASETS
 from pflbench.errors import UserError
-from pflbench.executors import Cell, make_executor
-from pflbench.presets import preset
-from pflbench.records import RunRecord, remove_stale_staging, run_status, write_run
-from pflbench.registry import ALGORITHMS, get_algorithm, parse_hp_pairs, resolve_hyperparams
+from pflbench.experiments.executors import Cell, make_executor
+from pflbench.experiments.presets import preset
+from pflbench.experiments.records import RunRecord, remove_stale_staging, run_status, write_run
+from pflbench.core.registry import ALGORITHMS, get_algorithm, parse_hp_pairs, resolve_hyperparams
 
 GRID_KEYS = ("algos", "datasets", "alphas", "seeds")
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("algo", "dataset", "alpha",

@@ -8,9 +8,9 @@ Beside accuracy, each row carries the algorithm's declared test-time adaptation 
 FedBABU's `acc` already includes its fine-tuning, FedAvg's does not), its local compute in
 sample-gradients (`grad_evals`, and `grad_evals_vs_fedavg`, its ratio to FedAvg's in the same
 cell), and, for cells run under the FedOBP paper's protocol, the published numbers
-(:mod:`pflbench.published`).
+(:mod:`pflbench.analysis.published`).
 
-Uncertainty comes from :mod:`pflbench.statistics`: per row a 95% interval (hierarchical bootstrap
+Uncertainty comes from :mod:`pflbench.analysis.statistics`: per row a 95% interval (hierarchical bootstrap
 over seeds and clients), paired differences with the cell's best, FedAvg and Local with their
 intervals and Holm-corrected p-values, and `tied_best`. The wide tables rank algorithms by their
 mean rank over the cells, and `ranking.csv` holds the Friedman test and the Nemenyi critical
@@ -26,9 +26,9 @@ from pathlib import Path
 import pandas as pd
 
 from pflbench.atomic import write_text
-from pflbench.published import attach_published, is_paper_protocol
-from pflbench.statistics import CELL, leaderboard_statistics, rank_test
-from pflbench.records import RUNS
+from pflbench.analysis.published import attach_published, is_paper_protocol
+from pflbench.analysis.statistics import CELL, leaderboard_statistics, rank_test
+from pflbench.experiments.records import RUNS
 
 PROTOCOL_KEYS = ("clients", "join_ratio", "rounds", "local_epochs", "batch_size", "lr", "momentum",
                  "weight_decay", "model", "eval_every", "finetune_epochs", "test_ratio", "min_samples",
