@@ -27,11 +27,11 @@ import time
 
 import torch
 
-from pflbench.config import RunConfig
-from pflbench.data import Dataset
-from pflbench.engine import Engine, resolve_device
-from pflbench.partition import PartitionSpec, partition
-from pflbench.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.experiments.config import RunConfig
+from pflbench.core.data import Dataset
+from pflbench.core.engine import Engine, resolve_device
+from pflbench.core.partition import PartitionSpec, partition
+from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
 
 NUM_IMAGES = 6_000
 IMAGE_SHAPE = (1, 28, 28)

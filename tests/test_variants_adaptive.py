@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import make_engine, metrics, small_config, states_equal
-from pflbench.state import get_state, set_state
-from pflbench.training import stream_seed
+from pflbench.core.state import get_state, set_state
+from pflbench.core.training import stream_seed
 
 
 # -- FedALA: evaluation ---------------------------------------------------------------------------
