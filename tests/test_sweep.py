@@ -56,7 +56,7 @@ def test_plan_merges_preset_then_file_then_flags(tmp_path):
     assert plan.algos == ["fedavg", "fedobp"] and plan.alphas == [0.3] and plan.datasets == ["digits"]
     assert plan.settings["rounds"] == 4 and plan.settings["clients"] == 12 and plan.settings["lr"] == 0.05
     configs = plan.configs()
-    assert len(configs) == 2
+    assert len(configs) == 2 * 3  # two algorithms, the quick preset's three seeds
     fedobp = next(c for c in configs if c.algo == "fedobp")
     assert fedobp.hp["q"] == 0.99 and fedobp.hp["ema"] == 0.5
     assert build_plan("fedobp", None, {}, []).settings["rounds"] == 400
