@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pflbench.core.algorithm import Algorithm
+from pflbench.core.models import layer_groups
 from pflbench.core.registry import register_algorithm
 from pflbench.core.state import State, get_state, set_state, subset
 from pflbench.core.training import TrainStats, stream_seed
@@ -118,13 +119,7 @@ class FedALA(Algorithm):
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
-        layers: list[list[str]] = []
-        for key in self.all_keys:
-            module = key.rsplit(".", 1)[0]
-            if layers and layers[-1][0].rsplit(".", 1)[0] == module:
-                layers[-1].append(key)
-            else:
-                layers.append([key])
+        layers = layer_groups(self.all_keys)
         top = layers[-hp.layers:] if hp.layers else layers
         self.top_keys: tuple[str, ...] = tuple(k for layer in top for k in layer)
         self.local: dict[int, State] = {}

@@ -10,8 +10,8 @@ after the warm-up (so: the initial model, or the warm-up's result). Evaluation: 
 layers under the client's own personal layers (nothing is trained at evaluation).
 
 Which layers are shared (`global_layers`). A layer is a module holding parameters (its weight and
-bias together), in the model's order (parameter names grouped by their module, the grouping
-FedALA uses):
+bias together), in the model's order (parameter names grouped by their module, `layer_groups`, the
+grouping FedALA uses):
 - `head` (default): the model's `head` submodule is global, the `body` personal: the paper's
   "local representations, global model on top" (and how PFLlib splits it);
 - `first`: the first `num_global` layers are global, every other layer personal: FL-bench's
@@ -56,21 +56,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pflbench.core.algorithm import Algorithm
+from pflbench.core.models import layer_groups
 from pflbench.errors import UserError
 from pflbench.core.registry import register_algorithm
 from pflbench.core.state import State, subset
-
-
-def layers_of(keys: tuple[str, ...]) -> list[list[str]]:
-    """Parameter names grouped into layers: consecutive names of one module (weight and bias)."""
-    layers: list[list[str]] = []
-    for key in keys:
-        module = key.rsplit(".", 1)[0]
-        if layers and layers[-1][0].rsplit(".", 1)[0] == module:
-            layers[-1].append(key)
-        else:
-            layers.append([key])
-    return layers
 
 
 @register_algorithm("lgfedavg")
@@ -96,7 +85,7 @@ class LGFedAvg(Algorithm):
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)  # `personal = "body"`: the head is shared
-        self.layers = layers_of(self.all_keys)
+        self.layers = layer_groups(self.all_keys)
         if hp.global_layers != "head":
             if hp.num_global > len(self.layers):
                 raise UserError(f"lgfedavg: num_global={hp.num_global}, but the model has only "

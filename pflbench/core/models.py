@@ -49,6 +49,20 @@ def param_roles(model: SplitModel) -> dict[str, str]:
     return roles
 
 
+def layer_groups(keys: tuple[str, ...]) -> list[list[str]]:
+    """Parameter names grouped into layers, in model order: consecutive names of one module (its
+    weight and bias). Algorithms that act per layer (FedALA's top layers, LG-FedAvg's shared
+    layers) count layers this way."""
+    layers: list[list[str]] = []
+    for key in keys:
+        module = key.rsplit(".", 1)[0]
+        if layers and layers[-1][0].rsplit(".", 1)[0] == module:
+            layers[-1].append(key)
+        else:
+            layers.append([key])
+    return layers
+
+
 def _flat_size(body: nn.Module, input_shape: tuple[int, int, int], model_name: str) -> int:
     try:
         with torch.no_grad():
