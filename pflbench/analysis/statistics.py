@@ -196,7 +196,7 @@ def entry_labels(frame: pd.DataFrame) -> pd.Series:
 def cell_statistics(rows: pd.DataFrame) -> pd.DataFrame:
     """Per entry of one cell: intervals, and paired comparisons with the best, FedAvg and Local."""
     entries = {key: Counts.of(part) for key, part in rows.groupby(ENTRY, sort=True)}
-    out = {key: {"acc_ci_low": np.nan} for key in entries}
+    out: dict[tuple[str, str], dict] = {key: {} for key in entries}
     for key, counts in entries.items():
         low, high = bootstrap_interval(counts)
         c_low, c_high = bootstrap_interval(counts, "client_mean")
