@@ -70,7 +70,8 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=[*GROUP, "seeds", "acc", "acc_std"])
     ok["comm_mb"] = (ok["comm_up_bytes"] + ok["comm_down_bytes"]) / 1e6
-    metrics = ["acc", "acc_client_mean", "acc_client_p10", "best_acc", "acc_ft", "comm_mb", "grad_evals",
+    metrics = ["acc", "acc_client_mean", "acc_client_p10", "best_acc", "acc_at_best_val", "val_acc", "acc_ft",
+               "comm_mb", "grad_evals",
                "eval_grad_evals", "wall_s"]
     metrics = [m for m in metrics if m in ok.columns]
     labels = [c for c in ("eval_adapt", "paper_protocol") if c in ok.columns]
@@ -81,8 +82,9 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     for label in labels:
         board[label] = grouped[label].first()
     board = board.reset_index()
-    if "acc_ft" in board and board["acc_ft"].isna().all():
-        board = board.drop(columns="acc_ft")
+    for optional in ("acc_ft", "acc_at_best_val", "val_acc"):
+        if optional in board and board[optional].isna().all():
+            board = board.drop(columns=optional)
     if "grad_evals" in board:
         board.insert(board.columns.get_loc("grad_evals") + 1, "grad_evals_vs_fedavg", relative_to_fedavg(board))
     board = board.merge(leaderboard_statistics(runs), how="left", on=GROUP)

@@ -71,8 +71,9 @@ class Engine:
         else:
             data = Dataset(data.name, data.x.to(device), data.y.to(device), data.num_classes)
         self.model = model
-        self.clients = [ClientData(torch.as_tensor(s.train, device=device),
-                                   torch.as_tensor(s.test, device=device)) for s in splits]
+        self.clients = [ClientData(torch.as_tensor(s.train, device=device), torch.as_tensor(s.test, device=device),
+                                   torch.as_tensor(s.val, device=device) if len(s.val) else None)
+                        for s in splits]
         self.trainer = Trainer(data, self.clients, config.seed, config.batch_size, config.lr,
                                config.momentum, config.weight_decay)
         ctx = Context(config=config, model=model, trainer=self.trainer, clients=self.clients,
@@ -115,7 +116,8 @@ class Engine:
         return stats
 
     def evaluate(self, round_: int) -> list[dict[str, Any]]:
-        """One row per client, with the model that client would use (and fine-tuned, if asked)."""
+        """One row per client, with the model that client would use (and fine-tuned, if asked).
+        Where the client has a validation set, the same model is scored on it too (`_val`)."""
         rows = []
         ft_epochs = self.config.finetune_epochs
         for cid in range(len(self.clients)):
@@ -123,6 +125,10 @@ class Engine:
             res = self.trainer.evaluate(model, cid)
             row = {"client": cid, "round": round_, "n_test": res.n, "correct": res.correct,
                    "acc": 100.0 * res.correct / res.n, "loss": res.loss_sum / res.n}
+            if self.clients[cid].n_val:
+                val = self.trainer.evaluate(model, cid, split="val")
+                row.update(n_val=val.n, correct_val=val.correct, acc_val=100.0 * val.correct / val.n,
+                           loss_val=val.loss_sum / val.n)
             if ft_epochs:
                 tuned = model if model is self.model else copy.deepcopy(model)
                 self.trainer.sgd(tuned, cid, ft_epochs, round_, purpose="finetune")
@@ -161,10 +167,21 @@ class Engine:
             "seed": c.seed, "rounds": c.rounds, "clients": c.clients, **final,
             "best_acc": max(r["acc"] for r in result.rounds),
             "best_round": max(result.rounds, key=lambda r: r["acc"])["round"],
+            **selected_by_validation(result.rounds),
             "wall_s": wall_s, **self.timers, **self.grad_evals,
             "eval_adapt": self.algo.eval_adaptation(),
             **self.algo.summary(),
         }
+
+
+def selected_by_validation(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """`acc_at_best_val`: the test accuracy of the evaluation with the best validation accuracy
+    (the earliest, on a tie), the honest counterpart of `best_acc`, which selects on test data.
+    Empty when the run has no validation set."""
+    if not rounds or "val_acc" not in rounds[0]:
+        return {}
+    best = max(rounds, key=lambda r: r["val_acc"])  # max keeps the first of equals
+    return {"best_val_acc": best["val_acc"], "best_val_round": best["round"], "acc_at_best_val": best["acc"]}
 
 
 def run_experiment(config: RunConfig, data: Dataset, splits: list[ClientSplit],

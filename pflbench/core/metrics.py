@@ -3,7 +3,8 @@
 `acc` pools every client's test samples (correct / samples: the convention of the FedOBP paper,
 FL-bench and PFLlib); `acc_client_mean`, `acc_client_std` and `acc_client_p10` describe the
 distribution of per-client accuracies, so a method that serves large clients well and small ones
-badly is visible. All figures are percentages.
+badly is visible. All figures are percentages. Where clients have validation sets, `val_acc`
+(pooled) and `val_loss` score the same models on them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def evaluation_figures(client_rows: list[Mapping[str, float]]) -> dict[str, floa
     n = [r["n_test"] for r in client_rows]
     figures = accuracy_figures(n, [r["correct"] for r in client_rows])
     figures["loss"] = float(sum(r["loss"] * r["n_test"] for r in client_rows) / sum(n))
+    scored = [r for r in client_rows if r.get("n_val")]
+    if scored:
+        n_val = sum(r["n_val"] for r in scored)
+        figures["val_acc"] = float(100.0 * sum(r["correct_val"] for r in scored) / n_val)
+        figures["val_loss"] = float(sum(r["loss_val"] * r["n_val"] for r in scored) / n_val)
     if client_rows and "correct_ft" in client_rows[0]:
         figures.update(accuracy_figures(n, [r["correct_ft"] for r in client_rows], suffix="_ft"))
     return figures

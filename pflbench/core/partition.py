@@ -4,13 +4,17 @@ A partition is a pure function of (labels, scheme, its parameters, seed): it dra
 seeded numpy Generator, so the same inputs give the same indices on any machine. The Dirichlet
 scheme retries a bounded number of times and then fails with advice instead of looping forever
 (as Flower Datasets' DirichletPartitioner does).
+
+A validation set (`val_ratio` > 0) is carved out of each client's training share with a stream of
+its own, after the train/test split: the test sets are then the same whatever the validation
+ratio, so a model tuned on validation data is reported on exactly the test data of an untuned run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +34,20 @@ class PartitionSpec:
     classes_per_client: int = 2
     min_samples: int = 10
     test_ratio: float = 0.25
+    val_ratio: float = 0.0
+
+
+def _no_indices() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
 
 
 @dataclass
 class ClientSplit:
+    """Pool indices of one client's samples: train, test and (when carved) validation."""
+
     train: np.ndarray
     test: np.ndarray
+    val: np.ndarray = field(default_factory=_no_indices)
 
 
 def _validate(labels: np.ndarray, spec: PartitionSpec) -> None:
@@ -47,6 +59,9 @@ def _validate(labels: np.ndarray, spec: PartitionSpec) -> None:
     if spec.scheme == "dirichlet" and spec.num_clients * spec.min_samples > len(labels):
         raise UserError(f"{spec.num_clients} clients x --min-samples {spec.min_samples} exceeds the "
                         f"{len(labels)} samples; use fewer clients or a smaller --min-samples")
+    if not 0 <= spec.val_ratio < 1:
+        raise UserError(f"--val-ratio must be in [0, 1) (got {spec.val_ratio}); 0.1 holds out a tenth "
+                        "of each client's training share")
     if spec.scheme == "dirichlet" and spec.alpha <= 0:
         raise UserError(f"--alpha must be > 0 (got {spec.alpha})")
 
@@ -112,6 +127,17 @@ def split_train_test(indices: np.ndarray, test_ratio: float, rng: np.random.Gene
     return ClientSplit(train=np.sort(shuffled[:n_train]), test=np.sort(shuffled[n_train:]))
 
 
+def carve_validation(split: ClientSplit, val_ratio: float, rng: np.random.Generator) -> ClientSplit:
+    """Move round(n_train * val_ratio) of a client's training samples (at least one, and never
+    its last training sample) into its validation set; the test set is untouched."""
+    n_train = len(split.train)
+    if val_ratio <= 0 or n_train < 2:
+        return split
+    n_val = min(max(int(round(n_train * val_ratio)), 1), n_train - 1)
+    shuffled = rng.permutation(split.train)
+    return ClientSplit(train=np.sort(shuffled[n_val:]), test=split.test, val=np.sort(shuffled[:n_val]))
+
+
 def partition(labels: np.ndarray, spec: PartitionSpec) -> list[ClientSplit]:
     """Client train/test index arrays into the pool. Pure in (labels, spec)."""
     labels = np.asarray(labels)
@@ -123,7 +149,11 @@ def partition(labels: np.ndarray, spec: PartitionSpec) -> list[ClientSplit]:
     if any(len(c) < 2 for c in clients):
         raise UserError(f"the {spec.scheme} partition left a client with fewer than 2 samples; "
                         "use fewer clients")
-    return [split_train_test(c, spec.test_ratio, rng) for c in clients]
+    splits = [split_train_test(c, spec.test_ratio, rng) for c in clients]
+    if spec.val_ratio > 0:
+        val_rng = np.random.default_rng([spec.seed, 0x7A1])  # its own stream: test sets stay put
+        splits = [carve_validation(s, spec.val_ratio, val_rng) for s in splits]
+    return splits
 
 
 def cache_key(labels: np.ndarray, spec: PartitionSpec) -> str:
@@ -140,21 +170,22 @@ def cached_partition(labels: np.ndarray, spec: PartitionSpec, cache_dir: Path | 
     if path.exists():
         try:
             with np.load(path) as f:
-                return [ClientSplit(train=f[f"train_{i}"], test=f[f"test_{i}"]) for i in range(spec.num_clients)]
+                return [ClientSplit(train=f[f"train_{i}"], test=f[f"test_{i}"], val=f[f"val_{i}"])
+                        for i in range(spec.num_clients)]
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed and overwritten
     splits = partition(labels, spec)
     try:
-        save_npz(path, {f"{side}_{i}": getattr(s, side) for i, s in enumerate(splits) for side in ("train", "test")})
+        save_npz(path, {f"{side}_{i}": getattr(s, side) for i, s in enumerate(splits) for side in ("train", "test", "val")})
     except OSError:
         pass  # an unwritable cache folder only costs recomputation
     return splits
 
 
 def label_counts(labels: np.ndarray, splits: list[ClientSplit], num_classes: int) -> np.ndarray:
-    """Array [client, split (0 train, 1 test), class] of sample counts."""
-    counts = np.zeros((len(splits), 2, num_classes), dtype=np.int64)
+    """Array [client, split (0 train, 1 test, 2 validation), class] of sample counts."""
+    counts = np.zeros((len(splits), 3, num_classes), dtype=np.int64)
     for i, s in enumerate(splits):
-        counts[i, 0] = np.bincount(labels[s.train], minlength=num_classes)
-        counts[i, 1] = np.bincount(labels[s.test], minlength=num_classes)
+        for side, idx in enumerate((s.train, s.test, s.val)):
+            counts[i, side] = np.bincount(labels[idx], minlength=num_classes)
     return counts

@@ -40,10 +40,16 @@ def stream_seed(*parts: object) -> int:
 
 @dataclass
 class ClientData:
-    """Index tensors of one client's local train and test samples into the dataset pool."""
+    """Index tensors of one client's local train, test and (possibly empty) validation samples
+    into the dataset pool."""
 
     train: torch.Tensor
     test: torch.Tensor
+    val: torch.Tensor | None = None
+
+    @property
+    def n_val(self) -> int:
+        return 0 if self.val is None else len(self.val)
 
     @property
     def n_train(self) -> int:
@@ -128,10 +134,11 @@ class Trainer:
         return TrainStats(loss_sum=float(loss_sum), samples=samples)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, cid: int) -> EvalResult:
-        """Correct predictions and summed cross-entropy on client `cid`'s local test set."""
+    def evaluate(self, model: nn.Module, cid: int, split: str = "test") -> EvalResult:
+        """Correct predictions and summed cross-entropy on client `cid`'s local test set (or its
+        validation set, `split="val"`)."""
         model.eval()
-        idx = self.clients[cid].test
+        idx = getattr(self.clients[cid], split)
         correct = torch.zeros((), dtype=torch.long, device=self.data.x.device)
         loss_sum = torch.zeros((), device=self.data.x.device)
         for start in range(0, len(idx), EVAL_BATCH):

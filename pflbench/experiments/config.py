@@ -1,7 +1,9 @@
 """One frozen dataclass holds every setting of a run.
 
 The CLI, presets and config files all produce a :class:`RunConfig`; its canonical JSON is what
-a run's identity hashes, so two runs with the same resolved settings share one id.
+a run's identity hashes, so two runs with the same resolved settings share one id. A setting added
+after records were committed is left out of that JSON while it holds its default
+(`LATER_SETTINGS`), so adding a setting never orphans the records that predate it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pflbench.errors import UserError
 
 PARTITION_SCHEMES = ("dirichlet", "shards", "iid")
 DEVICES = ("auto", "cpu", "cuda")
+LATER_SETTINGS = {"val_ratio": 0.0, "tuned_budget": 0}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class RunConfig:
     finetune_epochs: int = 0
     test_ratio: float = 0.25
     min_samples: int = 10
+    val_ratio: float = 0.0
+    tuned_budget: int = 0
     hp: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,6 +62,10 @@ class RunConfig:
             (self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})"),
             (self.finetune_epochs >= 0, f"--finetune-epochs must be >= 0 (got {self.finetune_epochs})"),
             (0 < self.test_ratio < 1, f"--test-ratio must be in (0, 1) (got {self.test_ratio})"),
+            (0 <= self.val_ratio < 1,
+             f"--val-ratio must be in [0, 1) (got {self.val_ratio}); e.g. 0.1 holds out a tenth of each "
+             "client's training share"),
+            (self.tuned_budget >= 0, f"tuned_budget must be >= 0 (got {self.tuned_budget})"),
             (self.min_samples >= 2, f"--min-samples must be >= 2 (got {self.min_samples})"),
             (self.classes_per_client >= 1,
              f"--classes-per-client must be >= 1 (got {self.classes_per_client})"),
@@ -75,7 +84,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        values = {k: v for k, v in self.to_dict().items() if LATER_SETTINGS.get(k, object()) != v}
+        return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
 
     def run_id(self) -> str:
         """A readable prefix plus a hash of the canonical JSON: equal configs, equal ids."""

@@ -31,6 +31,7 @@ RUN_FLAGS: dict[str, str] = {
     "finetune_epochs": "Also report accuracy after K local fine-tuning epochs (_ft metrics).",
     "test_ratio": "Share of each client's samples held out as its local test set.",
     "min_samples": "Minimum samples per client (Dirichlet).",
+    "val_ratio": "Share of each client's training samples held out for validation (0: none).",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 

@@ -41,7 +41,9 @@ def partition_table(label_counts: np.ndarray) -> pd.DataFrame:
     """Rows (client, split) with one column per class: the label distribution of the partition."""
     rows = []
     for cid, per_split in enumerate(label_counts):
-        for split, counts in zip(("train", "test"), per_split):
+        for split, counts in zip(("train", "test", "val"), per_split):
+            if split == "val" and not counts.any():
+                continue  # no validation set carved
             rows.append({"client": cid, "split": split, **{f"class_{c}": int(v) for c, v in enumerate(counts)}})
     return pd.DataFrame(rows)
 

@@ -20,7 +20,8 @@ from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyper
 def partition_spec(config: RunConfig) -> PartitionSpec:
     return PartitionSpec(scheme=config.partition, num_clients=config.clients, seed=config.seed,
                          alpha=config.alpha, classes_per_client=config.classes_per_client,
-                         min_samples=config.min_samples, test_ratio=config.test_ratio)
+                         min_samples=config.min_samples, test_ratio=config.test_ratio,
+                         val_ratio=config.val_ratio)
 
 
 def compute_run(config: RunConfig, data_root: Path, device: str = "auto", plugins: Iterable[str] = (),
