@@ -90,6 +90,10 @@ the models' own losses), and overwrites v_i with the mixture after each round.
 The summary reports the distribution of alpha over the clients that trained: `alpha_mean`,
 `alpha_min`, `alpha_max`, `alpha_p10`, `alpha_p50`, `alpha_p90`, and `alpha_at_0`, `alpha_at_1`
 (how many clients sit exactly at 0, where v gets no gradient any more, and at 1).
+
+Search space (`pflbench tune`, beside the run's learning rate): alpha in [0.25, 0.75], the span of
+the paper's fixed-alpha settings (0.25, 0.5, 0.75); alpha_lr in [0.001, 0.02], log scale, from the
+rate measured above to hardly adapt (0.001) to twice the references' 0.01.
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ from torch.func import functional_call
 
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, set_state
 from pflbench.core.training import TrainStats
 
@@ -131,10 +136,10 @@ class APFL(Algorithm):
 
     @dataclass
     class Hyperparams:
-        alpha: float = 0.5
+        alpha: float = tunable(0.5, Real(0.25, 0.75))
         learn_alpha: bool = True
         alpha_update: Literal["paper", "flbench", "fedtorch"] = "paper"
-        alpha_lr: float = 0.005
+        alpha_lr: float = tunable(0.005, Real(0.001, 0.02, log=True))
         mix: Literal["params", "logits"] = "params"
 
         def __post_init__(self):

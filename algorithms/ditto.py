@@ -36,6 +36,9 @@ Where the implementations differ: PFLlib trains v_k before w and FL-bench after;
 to the received w^t, as the paper does, so the order is immaterial (here too). FL-bench drives
 both models with one optimizer carrying two parameter groups; here each phase has its own fresh
 optimizer, as the paper's two separate local solvers.
+
+Search space (`pflbench tune`, beside the run's learning rate): lam in [0.05, 2], log scale: the
+union of the paper's per-device validation grids ({0.05, 0.1, 0.2} and {0.1, 1, 2}).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from torch import nn
 
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.regularizers import proximal_loss
 from pflbench.core.state import State, get_state, set_state
 from pflbench.core.training import TrainStats
@@ -62,7 +66,7 @@ class Ditto(Algorithm):
 
     @dataclass
     class Hyperparams:
-        lam: float = 1.0
+        lam: float = tunable(1.0, Real(0.05, 2.0, log=True))
         personal_epochs: int = -1
 
         def __post_init__(self):

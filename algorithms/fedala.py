@@ -63,6 +63,9 @@ local and global models; PFLlib runs ALA on every client each round, sampled or 
 unsampled clients also learn W and move their local models), and evaluates right after that
 ALA, before the round's local training. Here ALA's training-time run happens only on clients that train, as
 in the paper's description of a client's round, and the evaluation-time ALA changes nothing.
+
+Search space (`pflbench tune`, beside the run's learning rate): eta in [0.1, 10], log scale, a
+decade either side of the references' 1.0; rand_percent in [5, 100].
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from torch import nn
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.models import layer_groups
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, get_state, set_state, subset
 from pflbench.core.training import TrainStats, stream_seed
 
@@ -94,8 +98,8 @@ class FedALA(Algorithm):
     @dataclass
     class Hyperparams:
         layers: int = 1
-        rand_percent: float = 80.0
-        eta: float = 1.0
+        rand_percent: float = tunable(80.0, Real(5.0, 100.0))
+        eta: float = tunable(1.0, Real(0.1, 10.0, log=True))
         threshold: float = 0.1
         window: int = 10
         max_epochs: int = 50

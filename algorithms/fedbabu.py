@@ -6,6 +6,8 @@ training; each sampled client trains only the body for `local_epochs` of SGD and
 server averages bodies (sample-weighted). The frozen head is never sent (every client has the
 same initial head). At evaluation each client fine-tunes the whole model from the global one for
 `finetune_epochs` (default 5) on its training data and is tested with the result.
+
+Search space (`pflbench tune`, beside the run's learning rate): finetune_epochs in {1..10}.
 """
 
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from torch import nn
 
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Integer, tunable
 from pflbench.core.state import State, get_state, set_state
 from pflbench.core.training import TrainStats
 
@@ -26,7 +29,7 @@ class FedBABU(Algorithm):
 
     @dataclass
     class Hyperparams:
-        finetune_epochs: int = 5
+        finetune_epochs: int = tunable(5, Integer(1, 10))
 
         def __post_init__(self):
             if self.finetune_epochs < 0:

@@ -94,6 +94,10 @@ materialized before it is squared, and the two phases' regularizers add a norm o
 at each step. That overhead is the method's: the Fisher needs per-sample squares, which a batched
 gradient cannot give. (A hook-based factorization for linear layers, sum_i (g_i^2)^T (a_i^2),
 would avoid materializing them; not done here.)
+
+Search space (`pflbench tune`, beside the run's learning rate): fisher_threshold in [0.1, 0.9] (the
+FedOBP fork scans the whole of [0, 1]); lam1 and lam2 a decade either side of the authors' code
+defaults, log scale.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ from torch.func import functional_call, grad, vmap
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.masked import Mask, train_elements
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, min_max, set_state
 from pflbench.core.training import TrainStats, cross_entropy
 
@@ -139,9 +144,9 @@ class FedDPA(Algorithm):
 
     @dataclass
     class Hyperparams:
-        fisher_threshold: float = 0.4
-        lam1: float = 0.1
-        lam2: float = 0.05
+        fisher_threshold: float = tunable(0.4, Real(0.1, 0.9))
+        lam1: float = tunable(0.1, Real(0.01, 1.0, log=True))
+        lam2: float = tunable(0.05, Real(0.005, 0.5, log=True))
         bound: float = 0.5
         schedule: Literal["paper", "flbench"] = "paper"
         first: Literal["global", "init"] = "global"

@@ -20,6 +20,10 @@ On a client's first participation it starts from the global model (`first=global
 `first=init` reproduces the authors' code, where every client's last upload starts as the initial
 random model. Evaluation uses the same merge without advancing the smoothed score.
 q = 1 is exactly FedAvg; q = 0 with every client joining every round is exactly Local.
+
+Search space (`pflbench tune`, beside the run's learning rate): q in [0.999, 0.99999] with 1 - q
+log-uniform (the paper tunes q per dataset and alpha between 0.999 and 0.99998); score either rule;
+ema in [0, 0.9].
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Choice, NearOne, Real, tunable
 from pflbench.core.state import State, min_max
 
 
@@ -60,9 +65,9 @@ class FedOBP(Algorithm):
 
     @dataclass
     class Hyperparams:
-        q: float = 0.9999
-        score: Literal["sqdiff", "abs_prod"] = "sqdiff"
-        ema: float = 0.0
+        q: float = tunable(0.9999, NearOne(0.999, 0.99999))
+        score: Literal["sqdiff", "abs_prod"] = tunable("sqdiff", Choice(("sqdiff", "abs_prod")))
+        ema: float = tunable(0.0, Real(0.0, 0.9))
         norm: Literal["global", "layer", "none"] = "global"
         eligible: Literal["all", "head"] = "all"
         first: Literal["global", "init"] = "global"

@@ -27,6 +27,9 @@ Differences from the paper, and where the public implementations stand:
   benchmark (PFLlib and FL-bench also use sample-weighted averaging).
 - FL-bench and PFLlib add mu * (w - w^t) to the gradient inside the optimizer step; here it comes
   from the loss, which is the same gradient (the value of the reported loss includes the term).
+
+Search space (`pflbench tune`, beside the run's learning rate): mu in [0.001, 1], log scale: the
+range of the paper's grid {0.001, 0.01, 0.1, 1}.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch import nn
 
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.regularizers import proximal_loss
 from pflbench.core.state import State, get_state
 from pflbench.core.training import LossFn, TrainStats
@@ -49,7 +53,7 @@ class FedProx(Algorithm):
 
     @dataclass
     class Hyperparams:
-        mu: float = 0.01
+        mu: float = tunable(0.01, Real(0.001, 1.0, log=True))
 
         def __post_init__(self):
             if not self.mu >= 0:

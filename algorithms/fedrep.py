@@ -16,6 +16,9 @@ initialization); here the head always gets at least one epoch (`head_epochs = -1
 max(1, local epochs - body epochs)). FL-bench also freezes a phase by zeroing its gradients
 under one optimizer, so momentum still moves the frozen part; here each phase's optimizer holds
 only the parameters it trains.
+
+Search space (`pflbench tune`, beside the run's learning rate): head_epochs in {1..10}, up to the
+paper's 10 head epochs (the default, -1, is FL-bench's split of the round's epochs).
 """
 
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from torch import nn
 
 from pflbench.core.algorithm import Algorithm
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Integer, tunable
 from pflbench.core.training import TrainStats
 
 
@@ -35,7 +39,7 @@ class FedRep(Algorithm):
 
     @dataclass
     class Hyperparams:
-        head_epochs: int = -1
+        head_epochs: int = tunable(-1, Integer(1, 10))
         body_epochs: int = 1
 
         def __post_init__(self):

@@ -73,6 +73,9 @@ the client started the window with (what the server sent); a newly personal elem
 round's server average before it is frozen as personal, where it keeps the client's trained value
 here; and a tensor can overshoot the cap by one step, where we stop exactly at the cap. With
 partial participation we count a client's own participations, not rounds.
+
+Search space (`pflbench tune`, beside the run's learning rate): p in [0.05, 0.5] and max_personal in
+[0.5, 0.95], around the authors' 0.25 and 0.8.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ from torch import nn
 from pflbench.core.algorithm import Algorithm, Upload
 from pflbench.core.masked import train_elements
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, weighted_mean
 from pflbench.core.training import TrainStats
 
@@ -100,8 +104,8 @@ class FedSelect(Algorithm):
 
     @dataclass
     class Hyperparams:
-        p: float = 0.25
-        max_personal: float = 0.8
+        p: float = tunable(0.25, Real(0.05, 0.5))
+        max_personal: float = tunable(0.8, Real(0.5, 0.95))
         grow_every: int = 3
 
         def __post_init__(self):

@@ -73,6 +73,9 @@ train twice); we follow the authors' Flower code.
 Model: the algorithm replaces the model's linear `head` by a `SimplexHead` (parameters
 `head.endpoints` and `head.bias`, the point alpha a buffer) before the engine reads the model's
 state, so the endpoints travel and are averaged as ordinary head parameters.
+
+Search space (`pflbench tune`, beside the run's learning rate): rho in [0.05, 0.5], which holds both
+references' radii (FL-bench's 0.1, Flower's 0.3).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ from torch import nn
 from pflbench.core.algorithm import Algorithm, Upload
 from pflbench.errors import UserError
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, nbytes, set_state
 from pflbench.core.training import TrainStats, stream_seed
 
@@ -262,7 +266,7 @@ class Floco(Algorithm):
     @dataclass
     class Hyperparams:
         endpoints: int = 10
-        rho: float = 0.1
+        rho: float = tunable(0.1, Real(0.05, 0.5))
         tau: int = 10
 
         def __post_init__(self):

@@ -49,6 +49,9 @@ Other implementations: FL-bench zeroes the body gradients during head epochs (th
 detaching here) and computes u_i from the client's training labels, as here. A second public
 port (the `flearn` FLUTE) hard-codes the coefficients and runs the server step on every client's
 head every round; we follow FL-bench.
+
+Search space (`pflbench tune`, beside the run's learning rate): lam1 and lam2 a decade either side
+of FL-bench's defaults, log scale.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from torch import nn
 from pflbench.core.algorithm import Algorithm, Upload
 from pflbench.errors import UserError
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, subset, weighted_mean
 from pflbench.core.training import TrainStats
 
@@ -87,8 +91,8 @@ class FLUTE(Algorithm):
 
     @dataclass
     class Hyperparams:
-        lam1: float = 0.25
-        lam2: float = 0.0025
+        lam1: float = tunable(0.25, Real(0.025, 2.5, log=True))
+        lam2: float = tunable(0.0025, Real(0.00025, 0.025, log=True))
         lam3: float = 0.0005
         rep_epochs: int = 1
         server_lr: float = 0.5

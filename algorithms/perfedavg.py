@@ -66,6 +66,9 @@ step of the run's lr from the received global model on one shuffled training bat
 batch_size samples, tests, and puts the model back: the paper's one-step evaluation with
 alpha = lr, on a batch redrawn at every evaluation. Here: the paper's update, one step per batch
 of FedAvg's schedule, evaluation one alpha-step on a fixed training batch (or the options above).
+
+Search space (`pflbench tune`, beside the run's learning rate): alpha in [0.001, 0.1], log scale, a
+decade either side of the default.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from torch import nn
 
 from pflbench.core.algorithm import Algorithm, Upload
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, get_state, set_state, weighted_mean
 from pflbench.core.training import TrainStats
 
@@ -99,7 +103,7 @@ class PerFedAvg(Algorithm):
     @dataclass
     class Hyperparams:
         variant: Literal["fo", "hf"] = "fo"
-        alpha: float = 0.01
+        alpha: float = tunable(0.01, Real(0.001, 0.1, log=True))
         beta: float = -1.0
         delta: float = 1e-4
         weighting: Literal["uniform", "samples"] = "uniform"

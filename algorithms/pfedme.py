@@ -61,6 +61,10 @@ Differences from the paper:
   times over its data (R = local_epochs * batches per epoch), like the other algorithms here.
 - The paper averages the S uploaded models uniformly; here the mean is sample-weighted, as
   FedAvg's in this benchmark (FL-bench and PFLlib do the same).
+
+Search space (`pflbench tune`, beside the run's learning rate): lam in [1, 30], log scale, up to
+twice the paper's MNIST value (trials with lr * lam >= 2 diverge and are recorded as failed);
+personal_lr in [0.001, 0.1], log scale, a decade either side of the references' 0.01.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from torch import nn
 
 from pflbench.core.algorithm import Algorithm, Upload
 from pflbench.core.registry import register_algorithm
+from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, get_state, set_state, weighted_mean
 from pflbench.core.training import TrainStats, cross_entropy
 
@@ -85,9 +90,9 @@ class PFedMe(Algorithm):
 
     @dataclass
     class Hyperparams:
-        lam: float = 15.0
+        lam: float = tunable(15.0, Real(1.0, 30.0, log=True))
         k: int = 5
-        personal_lr: float = 0.01
+        personal_lr: float = tunable(0.01, Real(0.001, 0.1, log=True))
         beta: float = 1.0
         eval: Literal["personal", "global"] = "personal"
         mu: float = 0.0

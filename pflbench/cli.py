@@ -18,6 +18,8 @@ from pflbench.experiments.config import RunConfig
 from pflbench.core.data import available_datasets, data_root
 from pflbench.errors import UserError
 from pflbench.core.models import MODELS
+from pflbench.core.search import search_space
+from pflbench.experiments.tuning import LR_SPACE_NOTE
 from pflbench.experiments.options import given, with_run_flags
 from pflbench.core.registry import ALGORITHMS, get_algorithm, hyperparam_defaults, load_algorithms, \
     parse_hp_pairs, resolve_hyperparams
@@ -146,6 +148,8 @@ def sweep(
     executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
     retry_failed: bool = typer.Option(False, help="Run cells again whose record says failed."),
+    tuned: bool = typer.Option(False, help="Use each algorithm's hyperparameters chosen by `pflbench tune` "
+                               "(same settings and --results; seeds must differ from the tuning seeds)."),
     data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files."),
     results: Path = typer.Option(Path("results"), help="Results folder (run records and leaderboards)."),
     reports: Path = typer.Option(Path("reports"), help="Reports folder (plots and README.md)."),
@@ -160,9 +164,13 @@ def sweep(
     warn(load_algorithms(plugin or ()))
     grid = {"algos": algos, "alphas": alpha or None, "datasets": datasets or None, "seeds": seeds or None}
     plan = build_plan(preset, config, given({**grid, **flags}), hp or [])
+    if tuned:  # a missing or unfinished study is a one-line error before anything starts
+        from pflbench.experiments.tuning import tuned_configs
+
+        tuned_configs(plan, results)
     with SweepProgress() as progress:
         outcome = run_sweep(plan, results, data_root(data_root_), executor, workers or default_workers(),
-                            device, plugin or (), retry_failed, ray_address,
+                            device, plugin or (), retry_failed, ray_address, tuned,
                             on_start=progress.start, on_record=progress.record)
     page = build_report(results, reports)
     typer.echo(f"{len(outcome.ran)} run(s) trained, {len(outcome.skipped)} already done; "
@@ -177,6 +185,51 @@ def sweep(
 
 
 app.command()(user_errors(with_run_flags(sweep, unset_defaults=True)))
+
+
+def tune(
+    budget: int = typer.Option(..., help="Finished trials per study, the same for every algorithm."),
+    tune_seeds: Optional[List[int]] = typer.Option(None, help="Seeds the trials run on (the objective is "
+                                                   "their mean); final sweeps must use others [default: 1000]."),
+    algos: Optional[str] = typer.Option(None, help="all, or algorithms separated by commas or spaces [default: all]."),
+    alpha: Optional[List[float]] = typer.Option(None, help="Dirichlet alphas, e.g. --alpha 0.1 0.5."),
+    datasets: Optional[List[str]] = typer.Option(None, help="Datasets, e.g. --datasets mnist fmnist."),
+    preset: Optional[str] = typer.Option(None, help="quick (default) or fedobp: the settings to tune under."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with the sweep's settings and [search] overrides."),
+    hp: Optional[List[str]] = typer.Option(None, help="KEY=VALUE fixed for every trial (then not searched)."),
+    plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms (repeatable)."),
+    workers: Optional[int] = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1]."),
+    executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
+    data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files."),
+    results: Path = typer.Option(Path("results"), help="Results folder; studies go to DIR/tuning/."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    **flags: Any,
+) -> None:
+    """Tune every algorithm with the same budget on validation data (Optuna TPE; resumable).
+    The trials hold out --val-ratio (default 0.1) of each client's training samples."""
+    from pflbench.experiments.executors import default_workers
+    from pflbench.experiments.sweep import build_plan
+    from pflbench.experiments.tuning import DEFAULT_TUNE_SEEDS, DEFAULT_VAL_RATIO, run_tuning
+
+    warn(load_algorithms(plugin or ()))
+    val_ratio = flags.pop("val_ratio", None)
+    val_ratio = DEFAULT_VAL_RATIO if val_ratio is None else val_ratio
+    grid = {"algos": algos, "alphas": alpha or None, "datasets": datasets or None}
+    plan = build_plan(preset, config, given({**grid, **flags}), hp or [])
+
+    def report_trial(pending: Any, value: Optional[float]) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in pending.values.items())
+        outcome = f"val {value:.2f}%" if value is not None else "FAILED"
+        typer.echo(f"{pending.spec.name} trial {pending.trial.number}: {outcome} ({shown})")
+
+    chosen = run_tuning(plan, budget, tune_seeds or DEFAULT_TUNE_SEEDS, val_ratio, results, data_root(data_root_),
+                        executor, workers or default_workers(), device, plugin or (), ray_address,
+                        on_trial=report_trial)
+    typer.echo(f"{len(chosen)} stud(ies) at budget {budget}; choices in {results / 'tuning' / 'chosen.csv'}")
+
+
+app.command()(user_errors(with_run_flags(tune, unset_defaults=True)))
 
 
 @app.command()
@@ -238,7 +291,7 @@ def list_(
     plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms."),
     data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files."),
 ) -> None:
-    """Show datasets, models and algorithms with their hyperparameters."""
+    """Show datasets, models and algorithms with their hyperparameters and search spaces."""
     warn(load_algorithms(plugin or ()))
     typer.echo("datasets: " + ", ".join(available_datasets(data_root(data_root_))))
     typer.echo("models: auto, " + ", ".join(sorted(MODELS)))
@@ -247,11 +300,15 @@ def list_(
         cls = ALGORITHMS[name]
         typer.echo(f"  {name:<12} {cls.description} [{cls.citation}]")
         typer.echo(f"  {'':<12}   test-time adaptation: {cls.describe_eval_adaptation(cls.Hyperparams())}")
+        spaces = search_space(cls.Hyperparams)
         for key, value in hyperparam_defaults(cls).items():
-            typer.echo(f"  {'':<12}   --hp {key}={value}")
+            searched = f"   tune: {spaces[key].describe()}" if key in spaces else ""
+            typer.echo(f"  {'':<12}   --hp {key}={value}{searched}")
+    typer.echo(f"every algorithm's tuning (`pflbench tune`) also searches the run's --lr: {LR_SPACE_NOTE}")
 
 
-MULTI_VALUE_FLAGS = {"sweep": ("--alpha", "--datasets", "--seeds"), "compare": ("--alpha",)}
+MULTI_VALUE_FLAGS = {"sweep": ("--alpha", "--datasets", "--seeds"), "compare": ("--alpha",),
+                     "tune": ("--alpha", "--datasets", "--tune-seeds")}
 
 
 def expand_multi_value_flags(argv: list[str]) -> list[str]:

@@ -2,7 +2,10 @@
 
 Runs are grouped by (dataset, partition, alpha, algo, hyperparameters, protocol), where the
 protocol is every other setting that changes results (clients, rounds, epochs, lr, model, ...),
-so runs of different protocols are never averaged together.
+so runs of different protocols are never averaged together. Cells run with tuned hyperparameters
+(`pflbench sweep --tuned`) form a protocol of their own, labelled `-tuned<budget>`, in which the
+learning rate is one of the chosen values (shown in `hp`) rather than a shared setting: tuned
+rows are compared with each other and never averaged with untuned ones.
 
 Beside accuracy, each row carries the algorithm's declared test-time adaptation (`eval_adapt`:
 FedBABU's `acc` already includes its fine-tuning, FedAvg's does not), its local compute in
@@ -28,24 +31,35 @@ import pandas as pd
 from pflbench.atomic import write_text
 from pflbench.analysis.published import attach_published, is_paper_protocol
 from pflbench.analysis.statistics import CELL, leaderboard_statistics, rank_test
+from pflbench.experiments.config import protocol_key
 from pflbench.experiments.records import RUNS
 
 PROTOCOL_KEYS = ("clients", "join_ratio", "rounds", "local_epochs", "batch_size", "lr", "momentum",
                  "weight_decay", "model", "eval_every", "finetune_epochs", "test_ratio", "min_samples",
                  "classes_per_client")
+LATER_PROTOCOL_KEYS = {"val_ratio": 0.0}  # in the label's hash only where set (older records lack them)
 GROUP = ["dataset", "partition", "alpha", "algo", "hp", "protocol"]
 TIMING = ("wall_s",)
 
 
 def protocol_label(config: dict) -> str:
-    """Readable and unique: e.g. `c50j0.2-r30-e5-fedavgcnn-1a2b3c`."""
-    digest = hashlib.sha256(json.dumps({k: config[k] for k in PROTOCOL_KEYS}, sort_keys=True).encode()).hexdigest()
+    """Readable and unique: e.g. `c50j0.2-r30-e5-fedavgcnn-1a2b3c` (`...-tuned12` for tuned cells)."""
+    keyed = {k: config[k] for k in PROTOCOL_KEYS}
+    keyed.update({k: config[k] for k, default in LATER_PROTOCOL_KEYS.items() if config.get(k, default) != default})
+    budget = config.get("tuned_budget", 0)
+    if budget:
+        keyed["lr"] = "tuned"
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
     return (f"c{config['clients']}j{config['join_ratio']:g}-r{config['rounds']}-e{config['local_epochs']}"
-            f"-{config['model']}-{digest[:6]}")
+            f"-{config['model']}-{digest[:6]}" + (f"-tuned{budget}" if budget else ""))
 
 
-def hp_label(hp: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(hp.items()))
+def hp_label(hp: dict, config: dict | None = None) -> str:
+    """The hyperparameters; for a tuned cell the chosen learning rate too."""
+    shown = dict(hp)
+    if config and config.get("tuned_budget", 0):
+        shown["lr"] = f"{config['lr']:.4g}"
+    return ",".join(f"{k}={v}" for k, v in sorted(shown.items()))
 
 
 def load_runs(results: Path) -> pd.DataFrame:
@@ -58,9 +72,11 @@ def load_runs(results: Path) -> pd.DataFrame:
             config = json.loads((summary_path.parent / "config.json").read_text())["config"]
         except (OSError, ValueError, KeyError):
             continue
-        rows.append({**summary, "run_dir": str(summary_path.parent), "hp": hp_label(config["hp"]),
+        rows.append({**summary, "run_dir": str(summary_path.parent), "hp": hp_label(config["hp"], config),
                      "protocol": protocol_label(config), "clients": config["clients"],
-                     "rounds": config["rounds"], "paper_protocol": is_paper_protocol(config)})
+                     "rounds": config["rounds"], "tuned_budget": config.get("tuned_budget", 0),
+                     "tuned_study": config.get("tuned_study", ""), "settings_key": protocol_key(config),
+                     "paper_protocol": is_paper_protocol(config)})
     return pd.DataFrame(rows)
 
 
@@ -74,7 +90,7 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
                "comm_mb", "grad_evals",
                "eval_grad_evals", "wall_s"]
     metrics = [m for m in metrics if m in ok.columns]
-    labels = [c for c in ("eval_adapt", "paper_protocol") if c in ok.columns]
+    labels = [c for c in ("eval_adapt", "tuned_budget", "paper_protocol") if c in ok.columns]
     grouped = ok.groupby(GROUP, dropna=False)
     board = grouped[metrics].mean()
     board.insert(0, "seeds", grouped.size())
@@ -156,6 +172,7 @@ def write_leaderboards(results: Path, board: pd.DataFrame | None = None) -> list
     the records (or from `board`, their long leaderboard, when the caller has built it)."""
     results = Path(results)
     board = long_leaderboard(load_runs(results)) if board is None else board
+    stale = set(results.glob("leaderboard_*.csv"))
     written = [results / "leaderboard.csv"]
     write_text(written[0], board.to_csv(index=False, float_format="%.4f"))
     for (dataset, protocol), part in board.groupby(["dataset", "protocol"]):
@@ -166,4 +183,6 @@ def write_leaderboards(results: Path, board: pd.DataFrame | None = None) -> list
         written.append(path)
     written.append(results / "ranking.csv")
     write_text(written[-1], ranking_table(board).to_csv(index=False, float_format="%.4f"))
+    for path in stale - set(written):  # a protocol whose runs are gone leaves no table behind
+        path.unlink(missing_ok=True)
     return written

@@ -19,6 +19,7 @@ import seaborn as sns  # noqa: E402
 
 from pflbench.atomic import atomic_path, write_text  # noqa: E402
 from pflbench.analysis.leaderboard import load_runs, long_leaderboard, wide_leaderboard, write_leaderboards  # noqa: E402
+from pflbench.analysis.tuning_report import tuning_section  # noqa: E402
 from pflbench.analysis.statistics import entry_labels, final_clients, rank_test, win_tie_loss  # noqa: E402
 
 MAX_LINES = 8  # accuracy-versus-alpha shows at most this many algorithms (the best by mean rank)
@@ -212,6 +213,7 @@ def build_report(results: Path, reports: Path) -> Path:
                                                                   (board["protocol"] == protocol)], reports)
         if family["dataset"].nunique() > 1 or family["alpha"].nunique() > 1:
             page += across_cells_section(protocol, family, board[board["protocol"] == protocol], reports)
+    page += tuning_section(results, runs, reports, markdown_table)
     if len(failed):
         page += ["## Failed runs", "", markdown_table(failed[["algo", "dataset", "alpha", "seed", "error"]]), ""]
     path = reports / "README.md"

@@ -18,7 +18,7 @@ from pflbench.errors import UserError
 
 PARTITION_SCHEMES = ("dirichlet", "shards", "iid")
 DEVICES = ("auto", "cpu", "cuda")
-LATER_SETTINGS = {"val_ratio": 0.0, "tuned_budget": 0}
+LATER_SETTINGS = {"val_ratio": 0.0, "tuned_budget": 0, "tuned_study": ""}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class RunConfig:
     test_ratio: float = 0.25
     min_samples: int = 10
     val_ratio: float = 0.0
-    tuned_budget: int = 0
+    tuned_budget: int = 0  # > 0: the hyperparameters (and lr) were chosen by a study of this budget
+    tuned_study: str = ""  # the name of that study (`pflbench tune`)
     hp: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,3 +104,23 @@ class RunConfig:
         if unknown:
             raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+# The settings a sweep shares across its cells: everything but the grid's axes and what tuning fills in.
+SETTING_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig)
+                     if f.name not in ("algo", "dataset", "alpha", "seed", "hp", "tuned_budget", "tuned_study"))
+# Settings that do not define the protocol a tuning study serves: the validation share only serves
+# the tuning, so a study tuned with 10% held out serves final cells that hold out nothing.
+NOT_PROTOCOL = ("val_ratio",)
+
+
+def resolved_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Every shared setting, defaults filled in, from a partial dict (a plan's) or a run's config."""
+    config = RunConfig(**{k: v for k, v in settings.items() if k in SETTING_KEYS})
+    return {k: getattr(config, k) for k in SETTING_KEYS}
+
+
+def protocol_key(settings: dict[str, Any]) -> str:
+    """What a tuned cell and its tuning study must share: every setting but the tuning-only ones."""
+    full = {k: v for k, v in sorted(resolved_settings(settings).items()) if k not in NOT_PROTOCOL}
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pflbench.experiments.config import RunConfig
+from pflbench.experiments.config import SETTING_KEYS, RunConfig
 from pflbench.core.data import BUILTIN_DATASETS
 from pflbench.errors import UserError
 from pflbench.experiments.executors import Cell, make_executor
@@ -23,8 +23,6 @@ from pflbench.experiments.records import RunRecord, remove_stale_staging, run_st
 from pflbench.core.registry import ALGORITHMS, get_algorithm, parse_hp_pairs, resolve_hyperparams
 
 GRID_KEYS = ("algos", "datasets", "alphas", "seeds")
-SETTING_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("algo", "dataset", "alpha",
-                                                                                      "seed", "hp"))
 
 
 @dataclass
@@ -35,6 +33,7 @@ class SweepPlan:
     seeds: list[int]
     settings: dict[str, Any] = field(default_factory=dict)
     hp: dict[str, str] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)  # the config's [search] table, for `tune`
 
     def configs(self) -> list[RunConfig]:
         """Every cell of the grid as a RunConfig, hyperparameters resolved per algorithm."""
@@ -87,7 +86,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-    allowed = {"preset", "hp", *GRID_KEYS, *SETTING_KEYS}
+    allowed = {"preset", "hp", "search", *GRID_KEYS, *SETTING_KEYS}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UserError(f"config file {path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -111,6 +110,7 @@ def build_plan(preset_name: str | None, config_file: Path | None, flags: dict[st
     from_file = read_toml(config_file) if config_file else {}
     merged = preset(preset_name or from_file.get("preset") or "quick")
     hp = flatten_hp(from_file.pop("hp", {}))
+    search = from_file.pop("search", {})
     merged.update({k: v for k, v in from_file.items() if k != "preset"})
     merged.update(flags)
     hp.update(parse_hp_pairs(hp_pairs))
@@ -119,7 +119,7 @@ def build_plan(preset_name: str | None, config_file: Path | None, flags: dict[st
     datasets = list(merged["datasets"])
     return SweepPlan(algos=algos, datasets=datasets, alphas=[float(a) for a in merged["alphas"]],
                      seeds=[int(s) for s in merged["seeds"]],
-                     settings={k: merged[k] for k in SETTING_KEYS if k in merged}, hp=hp)
+                     settings={k: merged[k] for k in SETTING_KEYS if k in merged}, hp=hp, search=search)
 
 
 def check_datasets(datasets: list[str], data_root: Path) -> None:
@@ -144,13 +144,19 @@ class SweepOutcome:
 
 def run_sweep(plan: SweepPlan, results: Path, data_root: Path, executor: str = "local", workers: int = 1,
               device: str = "auto", plugins: Iterable[str] = (), retry_failed: bool = False,
-              ray_address: str | None = None,
+              ray_address: str | None = None, tuned: bool = False,
               on_start: Callable[[int, int], None] | None = None,
               on_record: Callable[[RunRecord], None] | None = None) -> SweepOutcome:
     """Run every cell without a record (and failed ones if `retry_failed`), writing each record
-    as it arrives."""
+    as it arrives. `tuned`: the cells take each algorithm's hyperparameters chosen by `pflbench
+    tune` in the same results folder (:func:`pflbench.experiments.tuning.tuned_configs`)."""
     check_datasets(plan.datasets, data_root)
-    configs = plan.configs()
+    if tuned:
+        from pflbench.experiments.tuning import tuned_configs
+
+        configs = tuned_configs(plan, results)
+    else:
+        configs = plan.configs()
     remove_stale_staging(results)
     wanted = {"ok", "failed"} if not retry_failed else {"ok"}
     todo = [c for c in configs if run_status(results, c.run_id()) not in wanted]
