@@ -27,3 +27,27 @@ def test_the_authors_fedobp_grid_reaches_their_configuration():
     (config, *_) = plan.configs()
     assert config.algo == "fedobp"
     assert {k: config.hp[k] for k in ("score", "ema", "first")} == {"score": "abs_prod", "ema": 0.5, "first": "init"}
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=[g.stem for g in GRIDS])
+def test_grid_search_tables_resolve_to_studies(grid):
+    from pflbench.core.search import Fixed
+    from pflbench.experiments.tuning import study_specs
+
+    load_algorithms()
+    specs = study_specs(build_plan(None, grid, {}, []), (1000,), 0.1)
+    for spec in specs:
+        searched = [k for k, v in spec.spaces.items() if not isinstance(v, Fixed)]
+        assert len(spec.default_params()) == len(searched)  # the defaults can be enqueued as trial 0
+        assert all(c.val_ratio == 0.1 for c in spec.configs({}))
+
+
+def test_the_fedobp_q_grid_searches_q_alone():
+    from pflbench.core.search import Fixed, NearOne
+    from pflbench.experiments.tuning import study_specs
+
+    load_algorithms()
+    (a01, a05) = study_specs(build_plan(None, GRIDS[0].with_name("fedobp-q.toml"), {}, []), (1000,), 0.1)
+    assert a01.spaces["q"] == NearOne(0.999, 0.99999)
+    assert [k for k, v in a01.spaces.items() if not isinstance(v, Fixed)] == ["q"]
+    assert a01.configs({"q": 0.9995, "lr": 0.01})[0].lr == 0.01

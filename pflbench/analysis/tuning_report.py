@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -71,6 +72,7 @@ def optimization_history(trials: pd.DataFrame, path: Path) -> Path:
         first = part.iloc[0] if len(part) else None
         ax.set_title(f"{first['algo']} a={first['alpha']:g}" if first is not None else study, fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(studies):]:
         ax.axis("off")
     fig.supxlabel("trial", fontsize=9)
