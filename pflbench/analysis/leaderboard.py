@@ -37,7 +37,7 @@ from pflbench.experiments.records import RUNS
 PROTOCOL_KEYS = ("clients", "join_ratio", "rounds", "local_epochs", "batch_size", "lr", "momentum",
                  "weight_decay", "model", "eval_every", "finetune_epochs", "test_ratio", "min_samples",
                  "classes_per_client")
-LATER_PROTOCOL_KEYS = {"val_ratio": 0.0}  # in the label's hash only where set (older records lack them)
+LATER_PROTOCOL_KEYS = {"val_ratio": 0.0, "precision": "fp32"}  # in the label's hash only where set (older records lack them)
 GROUP = ["dataset", "partition", "alpha", "algo", "hp", "protocol"]
 TIMING = ("wall_s",)
 
@@ -51,7 +51,8 @@ def protocol_label(config: dict) -> str:
         keyed["lr"] = "tuned"
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
     return (f"c{config['clients']}j{config['join_ratio']:g}-r{config['rounds']}-e{config['local_epochs']}"
-            f"-{config['model']}-{digest[:6]}" + (f"-tuned{budget}" if budget else ""))
+            f"-{config['model']}-{digest[:6]}" + (f"-{config['precision']}" if config.get("precision", "fp32") != "fp32"
+                                                  else "") + (f"-tuned{budget}" if budget else ""))
 
 
 def hp_label(hp: dict, config: dict | None = None) -> str:

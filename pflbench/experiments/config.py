@@ -17,8 +17,9 @@ from typing import Any
 from pflbench.errors import UserError
 
 PARTITION_SCHEMES = ("dirichlet", "shards", "iid")
+PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-LATER_SETTINGS = {"val_ratio": 0.0, "tuned_budget": 0, "tuned_study": ""}
+LATER_SETTINGS = {"val_ratio": 0.0, "precision": "fp32", "tuned_budget": 0, "tuned_study": ""}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RunConfig:
     test_ratio: float = 0.25
     min_samples: int = 10
     val_ratio: float = 0.0
+    precision: str = "fp32"
     tuned_budget: int = 0  # > 0: the hyperparameters (and lr) were chosen by a study of this budget
     tuned_study: str = ""  # the name of that study (`pflbench tune`)
     hp: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +72,8 @@ class RunConfig:
             (self.min_samples >= 2, f"--min-samples must be >= 2 (got {self.min_samples})"),
             (self.classes_per_client >= 1,
              f"--classes-per-client must be >= 1 (got {self.classes_per_client})"),
+            (self.precision in PRECISIONS,
+             f"unknown precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}"),
             (self.partition in PARTITION_SCHEMES,
              f"unknown partition '{self.partition}'; choose one of {', '.join(PARTITION_SCHEMES)}"),
         ]

@@ -32,6 +32,7 @@ RUN_FLAGS: dict[str, str] = {
     "test_ratio": "Share of each client's samples held out as its local test set.",
     "min_samples": "Minimum samples per client (Dirichlet).",
     "val_ratio": "Share of each client's training samples held out for validation (0: none).",
+    "precision": "fp32, or bf16 (autocast for local training and evaluation).",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
