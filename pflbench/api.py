@@ -1,0 +1,189 @@
+"""The Python API: what the CLI does, as functions a notebook can call.
+
+    import pflbench
+    result = pflbench.run("fedper", dataset="digits", alpha=0.1, rounds=10)
+    result.summary["acc"], result.rounds      # a dict and pandas DataFrames
+    board = pflbench.sweep(algos="fedavg,fedper", alphas=[0.1, 0.5], results="results")
+    pflbench.leaderboard("results"); pflbench.compare("fedper", "fedavg", results="results")
+
+Every function validates its arguments as the CLI does and raises
+:class:`pflbench.UserError` with the same one-line message (the CLI prints it and exits 2).
+The CLI (:mod:`pflbench.cli`) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+
+from pflbench.core.data import data_root as resolve_data_root
+from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.errors import UserError
+from pflbench.experiments.config import RunConfig
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class RunResult:
+    """One run: its resolved config, its summary, one row per evaluation (`rounds`) and per client
+    and evaluation (`clients`), and the record's folder when it was written (`path`)."""
+
+    config: RunConfig
+    summary: dict[str, Any]
+    rounds: pd.DataFrame
+    clients: pd.DataFrame
+    path: Path | None = None
+
+
+def make_config(algo: str = "fedavg", dataset: str = "digits", alpha: float = 0.1, seed: int = 0,
+                hp: dict[str, Any] | None = None, **settings: Any) -> RunConfig:
+    """A RunConfig with the algorithm's hyperparameters resolved and typed (defaults included);
+    an unknown setting or hyperparameter is a UserError naming the known ones."""
+    cls = get_algorithm(algo)
+    hyperparams = resolve_hyperparams(cls, dict(hp or {}))
+    return RunConfig.from_dict({"algo": algo, "dataset": dataset, "alpha": alpha, "seed": seed,
+                                "hp": dataclasses.asdict(hyperparams), **settings})
+
+
+def run(algo: str = "fedavg", dataset: str = "digits", alpha: float = 0.1, *, seed: int = 0,
+        hp: dict[str, Any] | None = None, results: PathLike | None = None, data_root: PathLike | None = None,
+        device: str = "auto", plugins: Iterable[PathLike] = (),
+        progress: Callable[[int, dict[str, float] | None], None] | None = None, **settings: Any) -> RunResult:
+    """Train one run. `settings` are the run flags (`rounds=10`, `clients=20`, `lr=0.05`, ...);
+    `hp` the algorithm's hyperparameters. With `results=DIR` the record is written exactly as
+    `pflbench run` writes it and `path` is its folder; without, nothing is written."""
+    from pflbench.experiments.records import read_summary
+    from pflbench.experiments.runner import compute_run, execute
+
+    load_algorithms([str(p) for p in plugins])
+    config = make_config(algo, dataset, alpha, seed, hp, **settings)
+    root = resolve_data_root(data_root)
+    if results is None:
+        try:
+            record = compute_run(config, root, device, (), progress)
+        except FloatingPointError as exc:  # a diverging run: the engine's message names the round
+            raise UserError(str(exc)) from None
+        return RunResult(config, record.summary, pd.DataFrame(record.rounds), pd.DataFrame(record.clients))
+    path = execute(config, Path(results), root, device, [str(p) for p in plugins], progress)
+    return RunResult(config, read_summary(path / "summary.json"), pd.read_csv(path / "rounds.csv"),
+                     pd.read_csv(path / "clients.csv"), path)
+
+
+def _check_workers_can_import(algos: list[str], workers: int, executor: str) -> None:
+    """A class defined in a notebook (module `__main__`) cannot be imported by worker processes."""
+    local = [a for a in algos if ALGORITHMS[a].__module__ == "__main__"]
+    if local and (workers > 1 or executor != "local"):
+        raise UserError(f"{', '.join(local)} is defined in __main__ (a notebook or script), which worker processes "
+                        "cannot import; use workers=1, or move it to a file and pass plugins=[path]")
+
+
+def sweep(algos: str | list[str] | None = None, *, datasets: list[str] | None = None,
+          alphas: list[float] | None = None, seeds: list[int] | None = None, preset: str | None = None,
+          config: PathLike | None = None, hp: dict[str, Any] | None = None, results: PathLike = "results",
+          reports: PathLike | None = "reports", data_root: PathLike | None = None, workers: int = 1,
+          executor: str = "local", ray_address: str | None = None, device: str = "auto",
+          plugins: Iterable[PathLike] = (), retry_failed: bool = False, tuned: bool = False,
+          on_start: Callable[[int, int], None] | None = None, on_record: Callable[[Any], None] | None = None,
+          **settings: Any) -> pd.DataFrame:
+    """Train every cell of the grid not yet recorded in `results` (see `pflbench sweep`), rebuild
+    the leaderboards (and the report, unless `reports=None`) and return the long leaderboard.
+    `hp` maps `KEY` or `ALGO.KEY` to a value, as `--hp` does."""
+    from pflbench.analysis.leaderboard import load_runs, long_leaderboard, write_leaderboards
+    from pflbench.analysis.report import build_report
+    from pflbench.experiments.sweep import build_plan, run_sweep
+
+    plugins = [str(p) for p in plugins]
+    load_algorithms(plugins)
+    grid = {"algos": algos, "alphas": alphas, "datasets": datasets, "seeds": seeds}
+    flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
+    plan = build_plan(preset, Path(config) if config else None, flags,
+                      [f"{k}={v}" for k, v in (hp or {}).items()])
+    _check_workers_can_import(plan.algos, workers, executor)
+    results = Path(results)
+    if tuned:  # a missing or unfinished study fails before anything starts
+        from pflbench.experiments.tuning import tuned_configs
+
+        tuned_configs(plan, results)
+    run_sweep(plan, results, resolve_data_root(data_root), executor, workers, device, plugins, retry_failed,
+              ray_address, tuned, on_start=on_start, on_record=on_record)
+    if reports is not None:
+        build_report(results, Path(reports))
+        return long_leaderboard(load_runs(results))
+    board = long_leaderboard(load_runs(results))
+    write_leaderboards(results, board)
+    return board
+
+
+def tune(budget: int, algos: str | list[str] | None = None, *, tune_seeds: Iterable[int] = (1000,),
+         val_ratio: float = 0.1, datasets: list[str] | None = None, alphas: list[float] | None = None,
+         preset: str | None = None, config: PathLike | None = None, hp: dict[str, Any] | None = None,
+         results: PathLike = "results", data_root: PathLike | None = None, workers: int = 1,
+         executor: str = "local", ray_address: str | None = None, device: str = "auto",
+         plugins: Iterable[PathLike] = (), on_trial: Callable[..., None] | None = None,
+         **settings: Any) -> pd.DataFrame:
+    """Tune every algorithm of the grid with `budget` trials on validation data (see
+    `pflbench tune`); returns one row per study with its chosen values."""
+    from pflbench.experiments.sweep import build_plan
+    from pflbench.experiments.tuning import run_tuning
+
+    plugins = [str(p) for p in plugins]
+    load_algorithms(plugins)
+    grid = {"algos": algos, "alphas": alphas, "datasets": datasets}
+    flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
+    plan = build_plan(preset, Path(config) if config else None, flags,
+                      [f"{k}={v}" for k, v in (hp or {}).items()])
+    _check_workers_can_import(plan.algos, workers, executor)
+    return run_tuning(plan, budget, tune_seeds, val_ratio, Path(results), resolve_data_root(data_root), executor,
+                      workers, device, plugins, ray_address, on_trial=on_trial)
+
+
+def _stored_runs(results: PathLike) -> pd.DataFrame:
+    from pflbench.analysis.leaderboard import load_runs
+
+    if not (Path(results) / "runs").is_dir():
+        raise UserError(f"no runs in {results}; run a sweep first or pass the results folder")
+    return load_runs(Path(results))
+
+
+def leaderboard(results: PathLike = "results") -> pd.DataFrame:
+    """The long leaderboard of the stored runs (one row per dataset, partition, alpha, algorithm,
+    hyperparameters and protocol; see the README's "Output files")."""
+    from pflbench.analysis.leaderboard import long_leaderboard
+
+    return long_leaderboard(_stored_runs(results))
+
+
+def compare(a: str, b: str, results: PathLike = "results", dataset: str | None = None,
+            alphas: list[float] | None = None) -> pd.DataFrame:
+    """A minus B, paired by seed and client, in every cell where both ran (see `pflbench compare`)."""
+    from pflbench.analysis.statistics import compare as compare_entries, final_clients
+
+    runs = _stored_runs(results)
+    runs = runs[runs["status"] == "ok"] if len(runs) else runs
+    if dataset is not None:
+        runs = runs[runs["dataset"] == dataset]
+    if alphas:
+        runs = runs[runs["alpha"].isin(alphas)]
+    if runs.empty:
+        raise UserError(f"no finished runs in {results} match the dataset and alphas asked for")
+    try:
+        return compare_entries(final_clients(runs), a, b)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def report(results: PathLike = "results", reports: PathLike = "reports") -> Path:
+    """Rebuild every leaderboard CSV, plot and the report page from stored runs; returns the page."""
+    from pflbench.analysis.report import build_report
+
+    _stored_runs(results)
+    return build_report(Path(results), Path(reports))
+
+
+__all__ = ["RunResult", "make_config", "run", "sweep", "tune", "leaderboard", "compare", "report"]
