@@ -28,12 +28,12 @@ def small_config(**changes) -> RunConfig:
     return RunConfig(**base)
 
 
-def make_engine(config: RunConfig, data: Dataset | None = None, **hp) -> Engine:
+def make_engine(config: RunConfig, data: Dataset | None = None, device: str = "cpu", **hp) -> Engine:
     load_algorithms()
     data = data or digits()
     cls = get_algorithm(config.algo)
     splits = partition(data.y.numpy(), partition_spec(config))
-    return Engine(config, data, splits, cls, resolve_hyperparams(cls, hp), torch.device("cpu"))
+    return Engine(config, data, splits, cls, resolve_hyperparams(cls, hp), torch.device(device))
 
 
 def states_equal(a, b) -> bool:
