@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pflbench.experiments.config import RunConfig
 from pflbench.core.data import available_datasets, data_root
 from pflbench.errors import UserError
+from pflbench.experiments.folders import check_output_folder
 from pflbench.core.models import MODELS
 from pflbench.core.search import search_space
 from pflbench.experiments.tuning import LR_SPACE_NOTE
@@ -45,6 +46,24 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def warn(warnings: list[str]) -> None:
     for warning in warnings:
         typer.echo(f"pflbench: warning: {warning}", err=True)
+
+
+def eval_every_warnings(settings: dict[str, Any]) -> list[str]:
+    """The last round is always evaluated, so --eval-every beyond --rounds is allowed, but it is
+    likely a slip (no curve over rounds): say so once."""
+    every, rounds = settings["eval_every"], settings["rounds"]
+    return [f"--eval-every {every} > --rounds {rounds}: only the last round is evaluated"] if every > rounds else []
+
+
+def resolve_workers(workers: Optional[int]) -> int:
+    """--workers as given, checked before anything starts, or half the CPUs when left out
+    (--workers 0 is a mistake, not a request for the default)."""
+    from pflbench.experiments.executors import check_workers, default_workers
+
+    if workers is None:
+        return default_workers()
+    check_workers(workers)
+    return workers
 
 
 def build_config(algo: str, hp_pairs: list[str], **settings: Any) -> RunConfig:
@@ -123,6 +142,8 @@ def run(
 
     warn(load_algorithms(plugin or ()))
     config = build_config(algo, hp or [], dataset=dataset, alpha=alpha, seed=seed, **flags)
+    check_output_folder(results)
+    warn(eval_every_warnings(config.to_dict()))
     with RoundProgress(config.rounds, f"{algo} {dataset}") as progress:
         record = execute(config, results, data_root(data_root_), device, plugin or (), progress)
     s = read_summary(record / "summary.json")
@@ -157,19 +178,23 @@ def sweep(
     **flags: Any,
 ) -> None:
     """Train every algorithm x dataset x alpha x seed not yet done, then rebuild leaderboards and plots."""
-    from pflbench.experiments.executors import default_workers
     from pflbench.analysis.report import build_report
+    from pflbench.experiments.config import resolved_settings
     from pflbench.experiments.sweep import build_plan, run_sweep
 
+    workers = resolve_workers(workers)
     warn(load_algorithms(plugin or ()))
     grid = {"algos": algos, "alphas": alpha or None, "datasets": datasets or None, "seeds": seeds or None}
     plan = build_plan(preset, config, given({**grid, **flags}), hp or [])
+    check_output_folder(results)
+    check_output_folder(reports, "--reports")
+    warn(eval_every_warnings(resolved_settings(plan.settings)))
     if tuned:  # a missing or unfinished study is a one-line error before anything starts
         from pflbench.experiments.tuning import tuned_configs
 
         tuned_configs(plan, results)
     with SweepProgress() as progress:
-        outcome = run_sweep(plan, results, data_root(data_root_), executor, workers or default_workers(),
+        outcome = run_sweep(plan, results, data_root(data_root_), executor, workers,
                             device, plugin or (), retry_failed, ray_address, tuned,
                             on_start=progress.start, on_record=progress.record)
     page = build_report(results, reports)
@@ -208,15 +233,18 @@ def tune(
 ) -> None:
     """Tune every algorithm with the same budget on validation data (Optuna TPE; resumable).
     The trials hold out --val-ratio (default 0.1) of each client's training samples."""
-    from pflbench.experiments.executors import default_workers
+    from pflbench.experiments.config import resolved_settings
     from pflbench.experiments.sweep import build_plan
     from pflbench.experiments.tuning import DEFAULT_TUNE_SEEDS, DEFAULT_VAL_RATIO, run_tuning
 
+    workers = resolve_workers(workers)
     warn(load_algorithms(plugin or ()))
     val_ratio = flags.pop("val_ratio", None)
     val_ratio = DEFAULT_VAL_RATIO if val_ratio is None else val_ratio
     grid = {"algos": algos, "alphas": alpha or None, "datasets": datasets or None}
     plan = build_plan(preset, config, given({**grid, **flags}), hp or [])
+    check_output_folder(results)
+    warn(eval_every_warnings(resolved_settings(plan.settings)))
 
     def report_trial(pending: Any, value: Optional[float]) -> None:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in pending.values.items())
@@ -224,7 +252,7 @@ def tune(
         typer.echo(f"{pending.spec.name} trial {pending.trial.number}: {outcome} ({shown})")
 
     chosen = run_tuning(plan, budget, tune_seeds or DEFAULT_TUNE_SEEDS, val_ratio, results, data_root(data_root_),
-                        executor, workers or default_workers(), device, plugin or (), ray_address,
+                        executor, workers, device, plugin or (), ray_address,
                         on_trial=report_trial)
     typer.echo(f"{len(chosen)} stud(ies) at budget {budget}; choices in {results / 'tuning' / 'chosen.csv'}")
 
@@ -241,8 +269,10 @@ def report(
     """Rebuild every leaderboard CSV and plot from stored runs, without training."""
     from pflbench.analysis.report import build_report
 
+    check_output_folder(results, create=False)  # the leaderboards are written there
     if not (results / "runs").is_dir():
         raise UserError(f"no runs in {results}; run `pflbench sweep` first or pass --results DIR")
+    check_output_folder(reports, "--reports")
     typer.echo(f"report written to {build_report(results, reports)}")
 
 

@@ -52,6 +52,8 @@ def test_run_writes_config_summary_rounds_clients_and_partition(tmp_path):
     (["--hp", "q=1"], "fedavg has no hyperparameter 'q'"),
     (["--hp", "novalue"], "--hp expects KEY=VALUE"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--partition", "shards", "--classes-per-client", "11"],
+     "--classes-per-client 11 exceeds the 10 classes of digits; pass at most 10 with --partition shards"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = invoke(["run", *TINY, *args], tmp_path)

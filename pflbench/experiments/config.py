@@ -9,10 +9,13 @@ after records were committed is left out of that JSON while it holds its default
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import numbers
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pflbench.errors import UserError
 
@@ -52,6 +55,7 @@ class RunConfig:
     hp: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_setting_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         checks = [
             (self.alpha > 0, f"--alpha must be > 0 (got {self.alpha}); use e.g. 0.1 for strong skew"),
             (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
@@ -108,6 +112,45 @@ class RunConfig:
         if unknown:
             raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+def is_integer(value: Any) -> bool:
+    """An int (numpy's too), but not a bool: `rounds = true` is a mistake, not 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float (numpy's too), but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# What a field's annotation accepts, and how a message names it.
+TYPE_CHECKS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    int: (is_integer, "an integer"),
+    float: (is_number, "a number"),
+    str: (lambda value: isinstance(value, str), "a string"),
+    dict: (lambda value: isinstance(value, dict), "a table of hyperparameters"),
+}
+
+
+@functools.cache
+def setting_types() -> dict[str, type]:
+    """Each RunConfig field's annotation as a plain type (int, float, str or dict); the annotations
+    are strings here (`from __future__ import annotations`), hence get_type_hints."""
+    hints = typing.get_type_hints(RunConfig)
+    return {name: typing.get_origin(hint) or hint for name, hint in hints.items()}
+
+
+def check_setting_types(values: dict[str, Any]) -> None:
+    """Each known setting's value has its field's type, so a config file's `rounds = "ten"` is a
+    one-line UserError rather than a TypeError in the range checks. Unknown names are skipped."""
+    kinds = setting_types()
+    for name, value in values.items():
+        if name not in kinds:
+            continue
+        accepts, noun = TYPE_CHECKS[kinds[name]]
+        if not accepts(value):
+            raise UserError(f"{name} must be {noun} (got {value!r})")
 
 
 # The settings a sweep shares across its cells: everything but the grid's axes and what tuning fills in.

@@ -48,6 +48,12 @@ def default_workers() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
+def check_workers(workers: int) -> None:
+    """Every executor runs at least one cell at a time; the CLI calls this before anything starts."""
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {workers}); leave it out for half the CPUs")
+
+
 def threads_per_run(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
@@ -56,8 +62,7 @@ class LocalExecutor:
     """Runs in this process (one worker) or in `workers` spawned processes."""
 
     def __init__(self, workers: int):
-        if workers < 1:
-            raise UserError(f"--workers must be >= 1 (got {workers})")
+        check_workers(workers)
         self.workers = workers
 
     def run(self, cells: Iterable[Cell]) -> Iterator[RunRecord]:
@@ -81,6 +86,7 @@ class RayExecutor:
     """Each cell is a Ray task (one CPU) on the cluster at `address`, or on a local Ray started here."""
 
     def __init__(self, workers: int, address: str | None):
+        check_workers(workers)
         try:
             import ray  # noqa: F401
         except ImportError:

@@ -13,7 +13,8 @@ from pflbench.experiments.config import RunConfig
 from pflbench.core.data import load_dataset
 from pflbench.core.engine import Engine, ProgressFn, resolve_device
 from pflbench.core.partition import PartitionSpec, cached_partition, label_counts
-from pflbench.experiments.records import RunRecord, write_run
+from pflbench.errors import UserError
+from pflbench.experiments.records import RunRecord, failed_record, write_run
 from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
 
 
@@ -22,6 +23,14 @@ def partition_spec(config: RunConfig) -> PartitionSpec:
                          alpha=config.alpha, classes_per_client=config.classes_per_client,
                          min_samples=config.min_samples, test_ratio=config.test_ratio,
                          val_ratio=config.val_ratio)
+
+
+def check_classes_per_client(config: RunConfig, num_classes: int) -> None:
+    """A shards partition cannot give a client more classes than the dataset has (it would
+    silently give fewer): a mistake only the loaded dataset can reveal."""
+    if config.partition == "shards" and config.classes_per_client > num_classes:
+        raise UserError(f"--classes-per-client {config.classes_per_client} exceeds the {num_classes} classes of "
+                        f"{config.dataset}; pass at most {num_classes} with --partition shards")
 
 
 def compute_run(config: RunConfig, data_root: Path, device: str = "auto", plugins: Iterable[str] = (),
@@ -33,6 +42,7 @@ def compute_run(config: RunConfig, data_root: Path, device: str = "auto", plugin
     hyperparams = resolve_hyperparams(algorithm_cls, config.hp)
     torch_device = resolve_device(device)
     data = load_dataset(config.dataset, data_root)
+    check_classes_per_client(config, data.num_classes)
     labels = data.y.numpy()
     splits = cached_partition(labels, partition_spec(config), cache_dir)
     result = Engine(config, data, splits, algorithm_cls, hyperparams, torch_device).run(progress)
@@ -47,6 +57,14 @@ def partition_cache(results: Path) -> Path:
 
 def execute(config: RunConfig, results: Path, data_root: Path, device: str = "auto",
             plugins: Iterable[str] = (), progress: ProgressFn | None = None) -> Path:
-    """Train one run and write its record under `results`; returns the record's folder."""
-    record = compute_run(config, data_root, device, plugins, progress, partition_cache(results))
+    """Train one run and write its record under `results`; returns the record's folder.
+
+    A run that diverges (NaN loss) is recorded as failed, exactly as a sweep records it, and is
+    then a UserError naming the round, the fix and the failed record."""
+    try:
+        record = compute_run(config, data_root, device, plugins, progress, partition_cache(results))
+    except FloatingPointError as exc:
+        path = write_run(results, failed_record(config, exc))
+        first_line = (str(exc).splitlines() or ["training diverged; lower --lr"])[0]
+        raise UserError(f"{first_line} (failed record: {path})") from None
     return write_run(results, record)

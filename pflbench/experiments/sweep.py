@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pflbench.experiments.config import SETTING_KEYS, RunConfig
+from pflbench.experiments.config import SETTING_KEYS, RunConfig, check_setting_types, is_integer, is_number, \
+    resolved_settings
 from pflbench.core.data import BUILTIN_DATASETS
 from pflbench.errors import UserError
 from pflbench.experiments.executors import Cell, make_executor
@@ -90,7 +91,41 @@ def read_toml(path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UserError(f"config file {path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    try:
+        check_file_types(data)
+    except UserError as exc:
+        raise UserError(f"config file {path}: {exc}") from None
     return data
+
+
+def check_file_types(data: dict[str, Any]) -> None:
+    """A config file's values have the types the sweep expects (TOML is typed, but freely)."""
+    for table in ("hp", "search"):
+        if table in data and not isinstance(data[table], dict):
+            raise UserError(f"{table} must be a table, e.g. [{table}] or [{table}.fedobp] (got {data[table]!r})")
+    check_grid_types(data)
+    check_setting_types({k: v for k, v in data.items() if k in SETTING_KEYS})
+
+
+# Each list axis of the grid: what its items must be, and an example of a right value.
+GRID_ITEMS = {
+    "alphas": (is_number, "a list of numbers, e.g. [0.1, 0.5]"),
+    "seeds": (is_integer, "a list of integers, e.g. [0, 1, 2]"),
+    "datasets": (lambda item: isinstance(item, str), 'a list of names, e.g. ["digits"]'),
+}
+
+
+def check_grid_types(values: dict[str, Any]) -> None:
+    """The grid's axes are non-empty lists of the right items (`algos` may also be one string), so
+    `alphas = "0.1"` is a one-line error rather than a grid over the characters of a string."""
+    for key, (accepts, what) in GRID_ITEMS.items():
+        value = values.get(key)
+        if key in values and not (isinstance(value, (list, tuple)) and value and all(map(accepts, value))):
+            raise UserError(f"{key} must be {what} (got {value!r})")
+    algos = values.get("algos")
+    names = isinstance(algos, list) and algos and all(isinstance(a, str) for a in algos)
+    if "algos" in values and not (isinstance(algos, str) or names):
+        raise UserError(f'algos must be "all" or a list of names, e.g. ["fedavg", "fedper"] (got {algos!r})')
 
 
 def flatten_hp(table: dict[str, Any]) -> dict[str, str]:
@@ -113,13 +148,15 @@ def build_plan(preset_name: str | None, config_file: Path | None, flags: dict[st
     search = from_file.pop("search", {})
     merged.update({k: v for k, v in from_file.items() if k != "preset"})
     merged.update(flags)
+    check_grid_types(merged)
+    settings = {k: merged[k] for k in SETTING_KEYS if k in merged}
+    resolved_settings(settings)  # a bad setting is an error now, before anything starts
     hp.update(parse_hp_pairs(hp_pairs))
     algos = expand_algos(merged.get("algos", "all"))
     check_hp_keys(algos, hp)
     datasets = list(merged["datasets"])
     return SweepPlan(algos=algos, datasets=datasets, alphas=[float(a) for a in merged["alphas"]],
-                     seeds=[int(s) for s in merged["seeds"]],
-                     settings={k: merged[k] for k in SETTING_KEYS if k in merged}, hp=hp, search=search)
+                     seeds=[int(s) for s in merged["seeds"]], settings=settings, hp=hp, search=search)
 
 
 def check_datasets(datasets: list[str], data_root: Path) -> None:
