@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,9 +25,33 @@ import pandas as pd
 from pflbench.core.data import data_root as resolve_data_root
 from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
 from pflbench.errors import UserError
-from pflbench.experiments.config import RunConfig
+from pflbench.experiments.config import RunConfig, resolved_settings
+from pflbench.experiments.folders import check_output_folder
 
 PathLike = str | os.PathLike
+WarnFn = Callable[[str], None]
+
+
+def _python_warning(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def eval_every_warnings(settings: dict[str, Any]) -> list[str]:
+    """The last round is always evaluated, so --eval-every beyond --rounds is allowed, but it is
+    likely a slip (no curve over rounds): say so once."""
+    every, rounds = settings["eval_every"], settings["rounds"]
+    return [f"--eval-every {every} > --rounds {rounds}: only the last round is evaluated"] if every > rounds else []
+
+
+def resolve_workers(workers: int | None) -> int:
+    """`workers` as given, checked before anything starts, or half the CPUs when None
+    (0 is a mistake, not a request for the default)."""
+    from pflbench.experiments.executors import check_workers, default_workers
+
+    if workers is None:
+        return default_workers()
+    check_workers(workers)
+    return workers
 
 
 @dataclass
@@ -54,15 +79,21 @@ def make_config(algo: str = "fedavg", dataset: str = "digits", alpha: float = 0.
 def run(algo: str = "fedavg", dataset: str = "digits", alpha: float = 0.1, *, seed: int = 0,
         hp: dict[str, Any] | None = None, results: PathLike | None = None, data_root: PathLike | None = None,
         device: str = "auto", plugins: Iterable[PathLike] = (),
-        progress: Callable[[int, dict[str, float] | None], None] | None = None, **settings: Any) -> RunResult:
+        progress: Callable[[int, dict[str, float] | None], None] | None = None, on_warning: WarnFn | None = None,
+        **settings: Any) -> RunResult:
     """Train one run. `settings` are the run flags (`rounds=10`, `clients=20`, `lr=0.05`, ...);
     `hp` the algorithm's hyperparameters. With `results=DIR` the record is written exactly as
-    `pflbench run` writes it and `path` is its folder; without, nothing is written."""
+    `pflbench run` writes it and `path` is its folder; without, nothing is written. A diverging
+    run raises UserError naming the round (and, with `results`, leaves a failed record)."""
     from pflbench.experiments.records import read_summary
     from pflbench.experiments.runner import compute_run, execute
 
     load_algorithms([str(p) for p in plugins])
     config = make_config(algo, dataset, alpha, seed, hp, **settings)
+    if results is not None:
+        check_output_folder(Path(results))
+    for message in eval_every_warnings(config.to_dict()):
+        (on_warning or _python_warning)(message)
     root = resolve_data_root(data_root)
     if results is None:
         try:
@@ -83,62 +114,95 @@ def _check_workers_can_import(algos: list[str], workers: int, executor: str) -> 
                         "cannot import; use workers=1, or move it to a file and pass plugins=[path]")
 
 
-def sweep(algos: str | list[str] | None = None, *, datasets: list[str] | None = None,
-          alphas: list[float] | None = None, seeds: list[int] | None = None, preset: str | None = None,
-          config: PathLike | None = None, hp: dict[str, Any] | None = None, results: PathLike = "results",
-          reports: PathLike | None = "reports", data_root: PathLike | None = None, workers: int = 1,
-          executor: str = "local", ray_address: str | None = None, device: str = "auto",
-          plugins: Iterable[PathLike] = (), retry_failed: bool = False, tuned: bool = False,
-          on_start: Callable[[int, int], None] | None = None, on_record: Callable[[Any], None] | None = None,
-          **settings: Any) -> pd.DataFrame:
-    """Train every cell of the grid not yet recorded in `results` (see `pflbench sweep`), rebuild
-    the leaderboards (and the report, unless `reports=None`) and return the long leaderboard.
-    `hp` maps `KEY` or `ALGO.KEY` to a value, as `--hp` does."""
+@dataclass
+class SweepResult:
+    """What a sweep did: the planned cells, those it trained and skipped, and the leaderboard."""
+
+    outcome: Any
+    board: pd.DataFrame
+    report: Path | None
+
+
+def sweep_outcome(algos: str | list[str] | None = None, *, datasets: list[str] | None = None,
+                  alphas: list[float] | None = None, seeds: list[int] | None = None, preset: str | None = None,
+                  config: PathLike | None = None, hp: dict[str, Any] | list[str] | None = None,
+                  results: PathLike = "results", reports: PathLike | None = "reports",
+                  data_root: PathLike | None = None, workers: int | None = 1, executor: str = "local",
+                  ray_address: str | None = None, device: str = "auto", plugins: Iterable[PathLike] = (),
+                  retry_failed: bool = False, tuned: bool = False, on_start: Callable[[int, int], None] | None = None,
+                  on_record: Callable[[Any], None] | None = None, on_warning: WarnFn | None = None,
+                  **settings: Any) -> SweepResult:
+    """`sweep`, returning the outcome (cells trained, skipped, failed) with the leaderboard."""
     from pflbench.analysis.leaderboard import load_runs, long_leaderboard, write_leaderboards
     from pflbench.analysis.report import build_report
     from pflbench.experiments.sweep import build_plan, run_sweep
 
+    workers = resolve_workers(workers)
     plugins = [str(p) for p in plugins]
-    load_algorithms(plugins)
+    for message in load_algorithms(plugins):
+        (on_warning or _python_warning)(message)
     grid = {"algos": algos, "alphas": alphas, "datasets": datasets, "seeds": seeds}
     flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
-    plan = build_plan(preset, Path(config) if config else None, flags,
-                      [f"{k}={v}" for k, v in (hp or {}).items()])
+    plan = build_plan(preset, Path(config) if config else None, flags, _hp_pairs(hp))
     _check_workers_can_import(plan.algos, workers, executor)
     results = Path(results)
+    check_output_folder(results)
+    if reports is not None:
+        check_output_folder(Path(reports), "--reports")
+    for message in eval_every_warnings(resolved_settings(plan.settings)):
+        (on_warning or _python_warning)(message)
     if tuned:  # a missing or unfinished study fails before anything starts
         from pflbench.experiments.tuning import tuned_configs
 
         tuned_configs(plan, results)
-    run_sweep(plan, results, resolve_data_root(data_root), executor, workers, device, plugins, retry_failed,
-              ray_address, tuned, on_start=on_start, on_record=on_record)
-    if reports is not None:
-        build_report(results, Path(reports))
-        return long_leaderboard(load_runs(results))
+    outcome = run_sweep(plan, results, resolve_data_root(data_root), executor, workers, device, plugins,
+                        retry_failed, ray_address, tuned, on_start=on_start, on_record=on_record)
+    page = build_report(results, Path(reports)) if reports is not None else None
     board = long_leaderboard(load_runs(results))
-    write_leaderboards(results, board)
-    return board
+    if page is None:
+        write_leaderboards(results, board)
+    return SweepResult(outcome, board, page)
+
+
+def _hp_pairs(hp: dict[str, Any] | list[str] | None) -> list[str]:
+    """`{KEY or ALGO.KEY: value}` (Python) or `["KEY=VALUE"]` (the CLI's --hp) as --hp pairs."""
+    if hp is None:
+        return []
+    return list(hp) if isinstance(hp, list) else [f"{k}={v}" for k, v in hp.items()]
+
+
+def sweep(algos: str | list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
+    """Train every cell of the grid not yet recorded in `results` (see `pflbench sweep`), rebuild
+    the leaderboards (and the report, unless `reports=None`) and return the long leaderboard.
+    Keywords: datasets, alphas, seeds, preset, config (a TOML path), hp (`{KEY or ALGO.KEY:
+    value}`), results, reports, data_root, workers (default 1), executor, ray_address, device,
+    plugins, retry_failed, tuned, and any run setting (`rounds=5`, `clients=20`, ...)."""
+    return sweep_outcome(algos, **kwargs).board
 
 
 def tune(budget: int, algos: str | list[str] | None = None, *, tune_seeds: Iterable[int] = (1000,),
          val_ratio: float = 0.1, datasets: list[str] | None = None, alphas: list[float] | None = None,
          preset: str | None = None, config: PathLike | None = None, hp: dict[str, Any] | None = None,
-         results: PathLike = "results", data_root: PathLike | None = None, workers: int = 1,
+         results: PathLike = "results", data_root: PathLike | None = None, workers: int | None = 1,
          executor: str = "local", ray_address: str | None = None, device: str = "auto",
          plugins: Iterable[PathLike] = (), on_trial: Callable[..., None] | None = None,
-         **settings: Any) -> pd.DataFrame:
+         on_warning: WarnFn | None = None, **settings: Any) -> pd.DataFrame:
     """Tune every algorithm of the grid with `budget` trials on validation data (see
     `pflbench tune`); returns one row per study with its chosen values."""
     from pflbench.experiments.sweep import build_plan
     from pflbench.experiments.tuning import run_tuning
 
+    workers = resolve_workers(workers)
     plugins = [str(p) for p in plugins]
-    load_algorithms(plugins)
+    for message in load_algorithms(plugins):
+        (on_warning or _python_warning)(message)
     grid = {"algos": algos, "alphas": alphas, "datasets": datasets}
     flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
-    plan = build_plan(preset, Path(config) if config else None, flags,
-                      [f"{k}={v}" for k, v in (hp or {}).items()])
+    plan = build_plan(preset, Path(config) if config else None, flags, _hp_pairs(hp))
     _check_workers_can_import(plan.algos, workers, executor)
+    check_output_folder(Path(results))
+    for message in eval_every_warnings(resolved_settings(plan.settings)):
+        (on_warning or _python_warning)(message)
     return run_tuning(plan, budget, tune_seeds, val_ratio, Path(results), resolve_data_root(data_root), executor,
                       workers, device, plugins, ray_address, on_trial=on_trial)
 
@@ -147,7 +211,7 @@ def _stored_runs(results: PathLike) -> pd.DataFrame:
     from pflbench.analysis.leaderboard import load_runs
 
     if not (Path(results) / "runs").is_dir():
-        raise UserError(f"no runs in {results}; run a sweep first or pass the results folder")
+        raise UserError(f"no runs in {results}; run `pflbench sweep` first or pass --results DIR")
     return load_runs(Path(results))
 
 
@@ -171,7 +235,7 @@ def compare(a: str, b: str, results: PathLike = "results", dataset: str | None =
     if alphas:
         runs = runs[runs["alpha"].isin(alphas)]
     if runs.empty:
-        raise UserError(f"no finished runs in {results} match the dataset and alphas asked for")
+        raise UserError(f"no finished runs in {results} match --dataset/--alpha")
     try:
         return compare_entries(final_clients(runs), a, b)
     except ValueError as exc:
@@ -182,8 +246,11 @@ def report(results: PathLike = "results", reports: PathLike = "reports") -> Path
     """Rebuild every leaderboard CSV, plot and the report page from stored runs; returns the page."""
     from pflbench.analysis.report import build_report
 
+    check_output_folder(Path(results), create=False)  # the leaderboards are written there
     _stored_runs(results)
+    check_output_folder(Path(reports), "--reports")
     return build_report(Path(results), Path(reports))
 
 
-__all__ = ["RunResult", "make_config", "run", "sweep", "tune", "leaderboard", "compare", "report"]
+__all__ = ["RunResult", "SweepResult", "make_config", "run", "sweep", "sweep_outcome", "tune", "leaderboard",
+           "compare", "report"]

@@ -17,7 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pflbench.experiments.config import RunConfig
 from pflbench.core.data import available_datasets, data_root
 from pflbench.errors import UserError
-from pflbench.experiments.folders import check_output_folder
 from pflbench.core.models import MODELS
 from pflbench.core.search import search_space
 from pflbench.experiments.tuning import LR_SPACE_NOTE
@@ -45,25 +44,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def warn(warnings: list[str]) -> None:
     for warning in warnings:
-        typer.echo(f"pflbench: warning: {warning}", err=True)
+        warn_one(warning)
 
 
-def eval_every_warnings(settings: dict[str, Any]) -> list[str]:
-    """The last round is always evaluated, so --eval-every beyond --rounds is allowed, but it is
-    likely a slip (no curve over rounds): say so once."""
-    every, rounds = settings["eval_every"], settings["rounds"]
-    return [f"--eval-every {every} > --rounds {rounds}: only the last round is evaluated"] if every > rounds else []
-
-
-def resolve_workers(workers: Optional[int]) -> int:
-    """--workers as given, checked before anything starts, or half the CPUs when left out
-    (--workers 0 is a mistake, not a request for the default)."""
-    from pflbench.experiments.executors import check_workers, default_workers
-
-    if workers is None:
-        return default_workers()
-    check_workers(workers)
-    return workers
+def warn_one(warning: str) -> None:
+    typer.echo(f"pflbench: warning: {warning}", err=True)
 
 
 def build_config(algo: str, hp_pairs: list[str], **settings: Any) -> RunConfig:
@@ -95,20 +80,24 @@ class RoundProgress:
 
 
 class SweepProgress:
-    """A progress bar over the sweep's runs and a line per finished run."""
+    """A progress bar over the sweep's runs and a line per finished run. The bar appears when the
+    sweep starts, so a mistake found while planning prints its one line alone."""
 
     def __init__(self) -> None:
         self.bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.task = self.bar.add_task("sweep", total=0)
+        self.started = False
 
     def __enter__(self) -> "SweepProgress":
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
+        if self.started:
+            self.bar.__exit__(*exc)
 
     def start(self, todo: int, done: int) -> None:
+        self.bar.__enter__()
+        self.started = True
         self.bar.update(self.task, total=todo)
         self.bar.console.print(f"{todo} run(s) to train, {done} already recorded")
 
@@ -137,20 +126,19 @@ def run(
     **flags: Any,
 ) -> None:
     """Train one federated run and write its record."""
-    from pflbench.experiments.records import read_summary
-    from pflbench.experiments.runner import execute
+    from pflbench import api
 
     warn(load_algorithms(plugin or ()))
-    config = build_config(algo, hp or [], dataset=dataset, alpha=alpha, seed=seed, **flags)
-    check_output_folder(results)
-    warn(eval_every_warnings(config.to_dict()))
-    with RoundProgress(config.rounds, f"{algo} {dataset}") as progress:
-        record = execute(config, results, data_root(data_root_), device, plugin or (), progress)
-    s = read_summary(record / "summary.json")
+    hp_values = parse_hp_pairs(hp or [])
+    rounds = api.make_config(algo, dataset, alpha, seed, hp_values, **flags).rounds
+    with RoundProgress(rounds, f"{algo} {dataset}") as progress:
+        result = api.run(algo, dataset, alpha, seed=seed, hp=hp_values, results=results, data_root=data_root_,
+                         device=device, plugins=plugin or (), progress=progress, on_warning=warn_one, **flags)
+    s = result.summary
     ft = f", acc_ft {s['acc_ft']:.2f}%" if "acc_ft" in s else ""
-    typer.echo(f"{config.run_id()}: acc {s['acc']:.2f}% (best {s['best_acc']:.2f}%{ft}), "
+    typer.echo(f"{result.config.run_id()}: acc {s['acc']:.2f}% (best {s['best_acc']:.2f}%{ft}), "
                f"client mean {s['acc_client_mean']:.2f}%, p10 {s['acc_client_p10']:.2f}%, "
-               f"{s['wall_s']:.1f}s -> {record}")
+               f"{s['wall_s']:.1f}s -> {result.path}")
 
 
 app.command()(user_errors(with_run_flags(run)))
@@ -178,26 +166,16 @@ def sweep(
     **flags: Any,
 ) -> None:
     """Train every algorithm x dataset x alpha x seed not yet done, then rebuild leaderboards and plots."""
-    from pflbench.analysis.report import build_report
-    from pflbench.experiments.config import resolved_settings
-    from pflbench.experiments.sweep import build_plan, run_sweep
+    from pflbench import api
 
-    workers = resolve_workers(workers)
-    warn(load_algorithms(plugin or ()))
-    grid = {"algos": algos, "alphas": alpha or None, "datasets": datasets or None, "seeds": seeds or None}
-    plan = build_plan(preset, config, given({**grid, **flags}), hp or [])
-    check_output_folder(results)
-    check_output_folder(reports, "--reports")
-    warn(eval_every_warnings(resolved_settings(plan.settings)))
-    if tuned:  # a missing or unfinished study is a one-line error before anything starts
-        from pflbench.experiments.tuning import tuned_configs
-
-        tuned_configs(plan, results)
     with SweepProgress() as progress:
-        outcome = run_sweep(plan, results, data_root(data_root_), executor, workers,
-                            device, plugin or (), retry_failed, ray_address, tuned,
-                            on_start=progress.start, on_record=progress.record)
-    page = build_report(results, reports)
+        done = api.sweep_outcome(algos, datasets=datasets or None, alphas=alpha or None, seeds=seeds or None,
+                                 preset=preset, config=config, hp=hp or [], results=results, reports=reports,
+                                 data_root=data_root_, workers=workers, executor=executor, ray_address=ray_address,
+                                 device=device, plugins=plugin or (), retry_failed=retry_failed, tuned=tuned,
+                                 on_start=progress.start, on_record=progress.record, on_warning=warn_one,
+                                 **given(flags))
+    outcome, page = done.outcome, done.report
     typer.echo(f"{len(outcome.ran)} run(s) trained, {len(outcome.skipped)} already done; "
                f"leaderboards in {results}, report at {page}")
     failed, missing = outcome.failed(results), outcome.missing(results)
@@ -233,27 +211,22 @@ def tune(
 ) -> None:
     """Tune every algorithm with the same budget on validation data (Optuna TPE; resumable).
     The trials hold out --val-ratio (default 0.1) of each client's training samples."""
-    from pflbench.experiments.config import resolved_settings
-    from pflbench.experiments.sweep import build_plan
-    from pflbench.experiments.tuning import DEFAULT_TUNE_SEEDS, DEFAULT_VAL_RATIO, run_tuning
+    from pflbench import api
+    from pflbench.experiments.tuning import DEFAULT_TUNE_SEEDS, DEFAULT_VAL_RATIO
 
-    workers = resolve_workers(workers)
-    warn(load_algorithms(plugin or ()))
     val_ratio = flags.pop("val_ratio", None)
-    val_ratio = DEFAULT_VAL_RATIO if val_ratio is None else val_ratio
-    grid = {"algos": algos, "alphas": alpha or None, "datasets": datasets or None}
-    plan = build_plan(preset, config, given({**grid, **flags}), hp or [])
-    check_output_folder(results)
-    warn(eval_every_warnings(resolved_settings(plan.settings)))
 
     def report_trial(pending: Any, value: Optional[float]) -> None:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in pending.values.items())
         outcome = f"val {value:.2f}%" if value is not None else "FAILED"
         typer.echo(f"{pending.spec.name} trial {pending.trial.number}: {outcome} ({shown})")
 
-    chosen = run_tuning(plan, budget, tune_seeds or DEFAULT_TUNE_SEEDS, val_ratio, results, data_root(data_root_),
-                        executor, workers, device, plugin or (), ray_address,
-                        on_trial=report_trial)
+    chosen = api.tune(budget, algos, tune_seeds=tune_seeds or DEFAULT_TUNE_SEEDS,
+                      val_ratio=DEFAULT_VAL_RATIO if val_ratio is None else val_ratio, datasets=datasets or None,
+                      alphas=alpha or None, preset=preset, config=config, hp=hp or [], results=results,
+                      data_root=data_root_, workers=workers, executor=executor, ray_address=ray_address,
+                      device=device, plugins=plugin or (), on_trial=report_trial, on_warning=warn_one,
+                      **given(flags))
     typer.echo(f"{len(chosen)} stud(ies) at budget {budget}; choices in {results / 'tuning' / 'chosen.csv'}")
 
 
@@ -267,13 +240,9 @@ def report(
     reports: Path = typer.Option(Path("reports"), help="Where plots and README.md go."),
 ) -> None:
     """Rebuild every leaderboard CSV and plot from stored runs, without training."""
-    from pflbench.analysis.report import build_report
+    from pflbench import api
 
-    check_output_folder(results, create=False)  # the leaderboards are written there
-    if not (results / "runs").is_dir():
-        raise UserError(f"no runs in {results}; run `pflbench sweep` first or pass --results DIR")
-    check_output_folder(reports, "--reports")
-    typer.echo(f"report written to {build_report(results, reports)}")
+    typer.echo(f"report written to {api.report(results, reports)}")
 
 
 @app.command()
@@ -288,26 +257,12 @@ def compare(
 ) -> None:
     """A minus B, paired by seed and client, in every cell where both ran: difference, 95%
     interval, p-value, seeds won and the share of clients on which A beats B."""
-    from pflbench.analysis.leaderboard import load_runs
+    from pflbench import api
     from pflbench.analysis.report import markdown_table
-    from pflbench.analysis.statistics import compare as compare_entries, final_clients
 
     if format_ not in ("markdown", "csv"):
         raise UserError(f"--format {format_}: use markdown or csv")
-    if not (results / "runs").is_dir():
-        raise UserError(f"no runs in {results}; run `pflbench sweep` first or pass --results DIR")
-    runs = load_runs(results)
-    runs = runs[runs["status"] == "ok"] if len(runs) else runs
-    if dataset is not None:
-        runs = runs[runs["dataset"] == dataset]
-    if alpha:
-        runs = runs[runs["alpha"].isin(alpha)]
-    if runs.empty:
-        raise UserError(f"no finished runs in {results} match --dataset/--alpha")
-    try:
-        table = compare_entries(final_clients(runs), a, b)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    table = api.compare(a, b, results, dataset, alpha or None)
     if format_ == "csv":
         typer.echo(table.to_csv(index=False, float_format="%.4f"), nl=False)
     else:
