@@ -156,6 +156,8 @@ def sweep(
     workers: Optional[int] = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1]."),
     executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
+    gpus_per_run: Optional[float] = typer.Option(None, help="With --executor ray on CUDA: the GPU share each run "
+                                                 "asks Ray for [default: 1 / workers]."),
     retry_failed: bool = typer.Option(False, help="Run cells again whose record says failed."),
     tuned: bool = typer.Option(False, help="Use each algorithm's hyperparameters chosen by `pflbench tune` "
                                "(same settings and --results; seeds must differ from the tuning seeds)."),
@@ -173,6 +175,7 @@ def sweep(
                                  preset=preset, config=config, hp=hp or [], results=results, reports=reports,
                                  data_root=data_root_, workers=workers, executor=executor, ray_address=ray_address,
                                  device=device, plugins=plugin or (), retry_failed=retry_failed, tuned=tuned,
+                                 gpus_per_run=gpus_per_run,
                                  on_start=progress.start, on_record=progress.record, on_warning=warn_one,
                                  **given(flags))
     outcome, page = done.outcome, done.report
@@ -204,6 +207,8 @@ def tune(
     workers: Optional[int] = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1]."),
     executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
+    gpus_per_run: Optional[float] = typer.Option(None, help="With --executor ray on CUDA: the GPU share each run "
+                                                 "asks Ray for [default: 1 / workers]."),
     data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files."),
     results: Path = typer.Option(Path("results"), help="Results folder; studies go to DIR/tuning/."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -225,7 +230,8 @@ def tune(
                       val_ratio=DEFAULT_VAL_RATIO if val_ratio is None else val_ratio, datasets=datasets or None,
                       alphas=alpha or None, preset=preset, config=config, hp=hp or [], results=results,
                       data_root=data_root_, workers=workers, executor=executor, ray_address=ray_address,
-                      device=device, plugins=plugin or (), on_trial=report_trial, on_warning=warn_one,
+                      device=device, plugins=plugin or (), gpus_per_run=gpus_per_run, on_trial=report_trial,
+                      on_warning=warn_one,
                       **given(flags))
     typer.echo(f"{len(chosen)} stud(ies) at budget {budget}; choices in {results / 'tuning' / 'chosen.csv'}")
 

@@ -82,13 +82,36 @@ class LocalExecutor:
                     future.cancel()
 
 
-class RayExecutor:
-    """Each cell is a Ray task (one CPU) on the cluster at `address`, or on a local Ray started here."""
+def uses_cuda(device: str) -> bool:
+    """Whether runs on `device` take a GPU (`auto` does where this machine sees one)."""
+    if device == "auto":
+        import torch
 
-    def __init__(self, workers: int, address: str | None):
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def ray_task_options(device: str, workers: int, gpus_per_run: float | None = None) -> dict[str, float]:
+    """What each Ray task asks for: one CPU, and on CUDA a share of a GPU (`gpus_per_run`, by
+    default 1 / workers, so `workers` runs share one GPU as the local executor's processes do)."""
+    if gpus_per_run is not None and not 0 < gpus_per_run <= 1:
+        raise UserError(f"--gpus-per-run must be in (0, 1] (got {gpus_per_run}); e.g. 0.25 puts 4 runs on a GPU")
+    options: dict[str, float] = {"num_cpus": 1}
+    if uses_cuda(device):
+        options["num_gpus"] = gpus_per_run if gpus_per_run is not None else 1.0 / workers
+    return options
+
+
+class RayExecutor:
+    """Each cell is a Ray task (one CPU, and a GPU share on CUDA) on the cluster at `address`, or
+    on a local Ray started here."""
+
+    def __init__(self, workers: int, address: str | None, gpus_per_run: float | None = None):
         check_workers(workers)
+        ray_task_options("cpu", workers, gpus_per_run)  # a bad share fails before Ray starts
+        self.gpus_per_run = gpus_per_run
         try:
-            import ray  # noqa: F401
+            import ray  # noqa: F401  (only checks that Ray is installed)
         except ImportError:
             raise UserError("--executor ray needs Ray: pip install 'pflbench[ray]'") from None
         self.workers = workers
@@ -97,6 +120,9 @@ class RayExecutor:
     def run(self, cells: Iterable[Cell]) -> Iterator[RunRecord]:
         import ray
 
+        cells = list(cells)
+        if not cells:
+            return
         started_here = not ray.is_initialized()
         if started_here:
             if self.address:
@@ -105,7 +131,7 @@ class RayExecutor:
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
                          object_store_memory=200 * 1024 * 1024)
         try:
-            remote = ray.remote(num_cpus=1)(run_cell)
+            remote = ray.remote(**ray_task_options(cells[0].device, self.workers, self.gpus_per_run))(run_cell)
             threads = threads_per_run(self.workers)
             pending = [remote.remote(Cell(**{**c.__dict__, "threads": threads})) for c in cells]
             while pending:
@@ -116,9 +142,10 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def make_executor(kind: str, workers: int, ray_address: str | None = None) -> LocalExecutor | RayExecutor:
+def make_executor(kind: str, workers: int, ray_address: str | None = None,
+                  gpus_per_run: float | None = None) -> LocalExecutor | RayExecutor:
     if kind == "local":
         return LocalExecutor(workers)
     if kind == "ray":
-        return RayExecutor(workers, ray_address)
+        return RayExecutor(workers, ray_address, gpus_per_run)
     raise UserError(f"unknown executor '{kind}'; use local or ray")
