@@ -86,11 +86,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.algorithm import Accumulator, Algorithm, Upload
 from pflbench.core.masked import train_elements
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
-from pflbench.core.state import State, weighted_mean
+from pflbench.core.state import State
 from pflbench.core.training import TrainStats
 
 PERSONAL_STREAM = "fedselect-personal"
@@ -210,27 +210,40 @@ class FedSelect(Algorithm):
             self.kept[cid] = {k: trained[k][m] for k, m in mask.items()}
         return payload
 
-    def aggregate(self, uploads: list[Upload], global_state: State) -> State:
-        sent = [u for u in uploads if u.payload]
-        masks = [self.sent_masks.get(u.cid, {}) for u in sent]
+    # -- aggregation, streamed: a tensor some client keeps partly personal is averaged per element
+    def begin_aggregation(self, global_state: State, expected: dict[int, int]) -> Accumulator:
+        """Which tensors need the per-element mean is known before any upload: those some expected
+        client's mask touches (the mask it trains and sends with this round, before any growth).
+        Those get float64 sums of values and of weights; every other tensor the running mean."""
+        acc = super().begin_aggregation(global_state, expected)
+        masks = [self.sent_masks.get(cid, self.mask_of(cid)) for cid in expected]
+        partial = [k for k in self.all_keys if any(k in m and bool(m[k].any()) for m in masks)]
+        acc.extra["num"] = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in partial}
+        acc.extra["den"] = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in partial}
+        return acc
+
+    def accumulate(self, acc: Accumulator, upload: Upload) -> None:
+        """Whole tensors join the running mean; the others add their shared elements, by the mask
+        the client sent with, to the per-element sums."""
+        if not upload.payload:
+            return
+        num, den = acc.extra["num"], acc.extra["den"]
+        mask = self.sent_masks.pop(upload.cid, {})
+        acc.mean.add({k: v for k, v in upload.payload.items() if k not in num}, upload.n_train)
+        for key in num.keys() & upload.payload.keys():  # a tensor personal in full was not sent
+            m = mask.get(key)
+            share = ~m if m is not None and bool(m.any()) else torch.ones_like(num[key], dtype=torch.bool)
+            values = torch.zeros_like(num[key]).masked_scatter(share, upload.payload[key].double())
+            num[key] += upload.n_train * values
+            den[key] += upload.n_train * share
+
+    def finish_aggregation(self, acc: Accumulator, global_state: State) -> State:
+        """Each element: the sample-weighted mean over the clients that shared it; an element
+        every uploader kept personal stays as it was."""
         self.sent_masks = {}
-        if not sent:
-            return global_state
-        out = dict(global_state)
-        for key in self.all_keys:
-            partial = [m.get(key) is not None and bool(m[key].any()) for m in masks]
-            if not any(partial):
-                out[key] = weighted_mean([{key: u.payload[key]} for u in sent], [u.n_train for u in sent])[key]
-                continue
-            num = torch.zeros_like(global_state[key], dtype=torch.float64)
-            den = torch.zeros_like(global_state[key], dtype=torch.float64)
-            for u, m, part in zip(sent, masks, partial):
-                if key not in u.payload:
-                    continue  # personal in full for this client
-                share = ~m[key] if part else torch.ones_like(global_state[key], dtype=torch.bool)
-                values = torch.zeros_like(num).masked_scatter(share, u.payload[key].double())
-                num += u.n_train * values
-                den += u.n_train * share
+        out = super().finish_aggregation(acc, global_state)
+        for key, num in acc.extra["num"].items():
+            den = acc.extra["den"][key]
             mean = (num / den.clamp_min(1)).to(global_state[key].dtype)
             out[key] = torch.where(den > 0, mean, global_state[key])
         return out

@@ -87,12 +87,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.algorithm import Accumulator, Algorithm, Upload
 from pflbench.errors import UserError
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, nbytes, set_state
 from pflbench.core.training import TrainStats, stream_seed
+
+ENDPOINTS = "head.endpoints"  # the simplex head's endpoint weights
 
 MAX_BATCHES = 10_000
 MIN_ACCEPTANCE = 0.005  # see snap_center
@@ -320,17 +322,30 @@ class Floco(Algorithm):
 
         return trainer.sgd(model, cid, epochs, round_, loss_fn=loss_fn)
 
-    def aggregate(self, uploads: list[Upload], global_state: State) -> State:
+    def begin_aggregation(self, global_state: State, expected: dict[int, int]) -> Accumulator:
+        """The running mean; in the round that assigns subregions, also room for the signals."""
+        acc = super().begin_aggregation(global_state, expected)
         if (self.round == self.tau < self.ctx.config.rounds and self.hp.endpoints > 1
                 and self.centers is None):
-            self.assign(uploads, global_state)
-        return super().aggregate(uploads, global_state)
+            acc.extra.update(signals={}, start=global_state[ENDPOINTS])
+        return acc
 
-    def assign(self, uploads: list[Upload], global_state: State) -> None:
-        """Collect every client's endpoint pseudo-gradient of this round and project the clients."""
-        key = "head.endpoints"
-        start = global_state[key]
-        signals = {u.cid: (start - u.payload[key]).flatten() for u in uploads}
+    def accumulate(self, acc: Accumulator, upload: Upload) -> None:
+        """Average the upload; in the assignment round also keep the client's endpoint
+        pseudo-gradient (one head-sized vector per client: all the projection needs of it)."""
+        if "signals" in acc.extra:
+            acc.extra["signals"][upload.cid] = (acc.extra["start"] - upload.payload[ENDPOINTS]).flatten()
+        super().accumulate(acc, upload)
+
+    def finish_aggregation(self, acc: Accumulator, global_state: State) -> State:
+        if "signals" in acc.extra:
+            self.assign(acc.extra["signals"], global_state)
+        return super().finish_aggregation(acc, global_state)
+
+    def assign(self, signals: dict[int, torch.Tensor], global_state: State) -> None:
+        """Complete the round's endpoint pseudo-gradients (a client not sampled trains once from the
+        global model for its own) and project every client onto its subregion center."""
+        start = global_state[ENDPOINTS]
         model = self.ctx.model
         for cid in range(len(self.ctx.clients)):
             if cid in signals:
@@ -338,7 +353,7 @@ class Floco(Algorithm):
             set_state(model, global_state)
             self.local_train(cid, model, self.round)
             signals[cid] = (start - model.head.endpoints.detach()).flatten()
-            self.ctx.count_traffic(down=nbytes(global_state), up=nbytes({key: start}))
+            self.ctx.count_traffic(down=nbytes(global_state), up=nbytes({ENDPOINTS: start}))
         stacked = torch.stack([signals[c] for c in range(len(self.ctx.clients))]).cpu()
         centers = assign_centers(stacked, self.hp.endpoints)
         gen = torch.Generator().manual_seed(stream_seed(self.ctx.config.seed, "floco-snap"))

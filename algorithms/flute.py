@@ -27,9 +27,10 @@ Server: the bodies are averaged (sample-weighted). With `server_lr > 0` each cli
 its head weight W_i and u_i (as C bytes), and the server takes one SGD step of size `server_lr`
 on (1/S) * sum over the S uploaders of the NC2 term above, w.r.t. every uploaded W_i (the paper's
 server step that updates "the global representation and all local heads"; in this non-linear
-version, as in FL-bench, the representation is only averaged). The updated W_i replaces the
-client's head; it is sent back (counted in the download) the next time that client is sampled,
-and is the head the client is evaluated with.
+version, as in FL-bench, the representation is only averaged). The sum's terms are independent, so
+each W_i takes its step as its upload arrives (no upload is held for the others). The updated W_i
+replaces the client's head; it is sent back (counted in the download) the next time that client
+is sampled, and is the head the client is evaluated with.
 
 Hyperparameters and defaults (FL-bench's; we could not check the nonlinear defaults against the
 paper's text):
@@ -63,11 +64,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.algorithm import Accumulator, Algorithm, Upload
 from pflbench.errors import UserError
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
-from pflbench.core.state import State, subset, weighted_mean
+from pflbench.core.state import State, subset
 from pflbench.core.training import TrainStats
 
 LABELS = "flute.labels"
@@ -168,22 +169,20 @@ class FLUTE(Algorithm):
             payload[LABELS] = self.present(cid)
         return payload
 
-    def aggregate(self, uploads: list[Upload], global_state: State) -> State:
-        if not uploads:
-            return global_state
-        bodies = [subset(u.payload, self.shared_keys) for u in uploads]
-        new_state = {**global_state, **weighted_mean(bodies, [u.n_train for u in uploads])}
+    def accumulate(self, acc: Accumulator, upload: Upload) -> None:
+        """The body joins the running sample-weighted mean; the head takes its server step now."""
+        acc.mean.add(subset(upload.payload, self.shared_keys), self.aggregation_weight(upload.cid, upload.n_train))
         if self.hp.server_lr > 0:
-            self.server_step(uploads)
-        return new_state
+            self.server_step(upload, len(acc.expected))
 
-    def server_step(self, uploads: list[Upload]) -> None:
-        """One SGD step on (1/S) sum_i NC2(W_i, u_i) w.r.t. every uploaded head weight."""
-        weights = torch.stack([u.payload[self.weight_key] for u in uploads]).requires_grad_(True)
-        loss = sum(nc2_term(weights[i], u.payload[LABELS]) for i, u in enumerate(uploads)) / len(uploads)
-        (grad,) = torch.autograd.grad(loss, weights)
+    def server_step(self, upload: Upload, clients: int) -> None:
+        """Client `upload.cid`'s part of one SGD step on (1/S) sum_i NC2(W_i, u_i) over the round's S
+        uploaded head weights: the sum's terms are independent, so each W_i steps on its own
+        gradient (1/S) grad NC2(W_i, u_i) as its upload arrives, and no head waits for the others."""
+        weight = upload.payload[self.weight_key].detach().requires_grad_(True)
+        loss = nc2_term(weight, upload.payload[LABELS]) / clients
+        (grad,) = torch.autograd.grad(loss, weight)
         with torch.no_grad():
-            stepped = weights - self.hp.server_lr * grad
-        for i, u in enumerate(uploads):
-            self.kept[u.cid] = {**self.kept[u.cid], self.weight_key: stepped[i].clone()}
-            self.pending.add(u.cid)
+            stepped = weight - self.hp.server_lr * grad
+        self.kept[upload.cid] = {**self.kept[upload.cid], self.weight_key: stepped}
+        self.pending.add(upload.cid)

@@ -82,10 +82,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.algorithm import Algorithm
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
-from pflbench.core.state import State, get_state, set_state, weighted_mean
+from pflbench.core.state import State, get_state, set_state
 from pflbench.core.training import TrainStats
 
 EVAL_STREAM = "perfedavg-eval"
@@ -189,13 +189,9 @@ class PerFedAvg(Algorithm):
                 trainer.count_grads(len(batches[2][1]), passes=2)  # the two finite-difference gradients
         return TrainStats(loss_sum=float(loss_sum), samples=samples)
 
-    def aggregate(self, uploads: list[Upload], global_state: State) -> State:
-        if self.hp.weighting == "samples":
-            return super().aggregate(uploads, global_state)
-        sent = [u for u in uploads if u.payload]
-        if not sent:
-            return global_state
-        return {**global_state, **weighted_mean([u.payload for u in sent], [1.0] * len(sent))}
+    def aggregation_weight(self, cid: int, n_train: int) -> float:
+        """Uniform over the sampled clients (the paper's mean), or by samples if asked."""
+        return n_train if self.hp.weighting == "samples" else 1.0
 
     @classmethod
     def describe_eval_adaptation(cls, hp) -> str:

@@ -76,10 +76,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pflbench.core.algorithm import Algorithm, Upload
+from pflbench.core.algorithm import Accumulator, Algorithm
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
-from pflbench.core.state import State, get_state, set_state, weighted_mean
+from pflbench.core.state import State, get_state, set_state
 from pflbench.core.training import TrainStats, cross_entropy
 
 
@@ -184,11 +184,12 @@ class PFedMe(Algorithm):
         return trained
 
     @torch.no_grad()
-    def aggregate(self, uploads: list[Upload], global_state: State) -> State:
-        """w <- (1 - beta) w + beta * (sample-weighted mean of the uploaded local models)."""
-        if not uploads:
+    def finish_aggregation(self, acc: Accumulator, global_state: State) -> State:
+        """w <- (1 - beta) w + beta * (sample-weighted mean of the uploaded local models), the mean
+        streamed by the default hooks."""
+        mean = acc.mean.result()
+        if not mean:
             return global_state
-        mean = weighted_mean([u.payload for u in uploads], [u.n_train for u in uploads])
         beta = self.hp.beta
         return {k: global_state[k].mul(1.0 - beta).add_(mean[k], alpha=beta) if k in mean else global_state[k]
                 for k in global_state}

@@ -10,9 +10,26 @@ Per round, for each sampled client ``cid``:
 2. ``local_train(cid, model, round_)``: the local schedule; default: SGD epochs on all parameters.
 3. ``upload(cid, trained)``: what the client sends, and what it keeps for itself.
 
-then ``aggregate(uploads, global_state)`` builds the next global state, and at evaluation
-``eval_state(cid, global_state)`` gives the state that client would use (``eval_model`` the
-module, for predictors that are not a single model state).
+then the server builds the next global state, and at evaluation ``eval_state(cid, global_state)``
+gives the state that client would use (``eval_model`` the module, for predictors that are not a
+single model state).
+
+Aggregation streams: a round's memory is one model plus what the algorithm keeps per client, not
+one upload per sampled client. After ``begin_round`` and before the first client trains,
+``begin_aggregation(global_state, expected)`` opens an accumulator (`expected`: the clients that
+will upload, with their training sample counts, so a mean's normalizer is known before the first
+upload); ``accumulate(acc, upload)`` folds in each upload right after it is made, before the next
+client trains, and the engine drops it (so it may change what the server keeps for that client,
+never what the round's other clients start from); ``finish_aggregation(acc, global_state)`` gives
+the next global state. The default is a running sample-weighted mean, bit-identical to
+``weighted_mean`` over the collected list (a tensor only some clients sent is averaged over
+those, within one rounding); ``aggregation_weight`` changes the weights, and an algorithm with
+more bookkeeping (a server step per upload, a masked mean, a signal kept per client) overrides
+the three hooks. Overriding ``aggregate(uploads, global_state)`` instead is how an algorithm says
+it needs every upload at once: the engine then collects the round's list and calls it
+(``streams_aggregation`` tells which path is taken; the engine checks for the override itself
+rather than trusting a flag, so an overridden `aggregate` can never be silently skipped). The
+default `aggregate` runs the three hooks over the list, so both paths compute the same thing.
 
 Personal parameters are declared by role (`personal = "head"`, `"body"`, `"all"` or `None`), from
 the model's named `body` and `head` submodules; an algorithm with finer control (an element
@@ -38,7 +55,7 @@ from torch import nn
 
 from pflbench.experiments.config import RunConfig
 from pflbench.core.models import SplitModel, param_roles
-from pflbench.core.state import State, set_state, subset, weighted_mean
+from pflbench.core.state import RunningMean, State, set_state, subset
 from pflbench.core.training import ClientData, Trainer, TrainStats
 
 Role = Literal["head", "body", "all"]
@@ -56,6 +73,16 @@ class Upload:
     cid: int
     n_train: int
     payload: State
+
+
+@dataclass
+class Accumulator:
+    """A round's aggregation in progress: the running mean of the uploads, the clients expected to
+    upload (id: training samples), and room for an algorithm's own bookkeeping of the round."""
+
+    mean: RunningMean
+    expected: dict[int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,13 +161,41 @@ class Algorithm:
             self.kept[cid] = subset(trained, self.personal_keys)
         return subset(trained, self.shared_keys)
 
+    # -- aggregation: streamed as uploads arrive (see the module docstring) ---------------------
+    def aggregation_weight(self, cid: int, n_train: int) -> float:
+        """How much client `cid`'s upload counts in the mean: its number of training samples."""
+        return n_train
+
+    def begin_aggregation(self, global_state: State, expected: dict[int, int]) -> Accumulator:
+        """Open a round's accumulator; `expected` maps the clients that will upload to their
+        training sample counts (the mean's normalizer is their total weight, known up front)."""
+        total = sum(self.aggregation_weight(cid, n) for cid, n in expected.items())
+        return Accumulator(RunningMean(total), dict(expected))
+
+    def accumulate(self, acc: Accumulator, upload: Upload) -> None:
+        """Fold one upload into the accumulator; the engine drops the upload afterwards. An empty
+        upload (nothing shared) counts for nothing."""
+        if upload.payload:
+            acc.mean.add(upload.payload, self.aggregation_weight(upload.cid, upload.n_train))
+
+    def finish_aggregation(self, acc: Accumulator, global_state: State) -> State:
+        """The next global state: the weighted mean of every tensor sent (each over the clients
+        that sent it); tensors nobody sent stay as they were."""
+        return {**global_state, **acc.mean.result()}
+
     def aggregate(self, uploads: list[Upload], global_state: State) -> State:
-        """Sample-weighted mean of every uploaded tensor; tensors nobody sent stay as they were."""
-        sent = [u for u in uploads if u.payload]
-        if not sent:
-            return global_state
-        mean = weighted_mean([u.payload for u in sent], [u.n_train for u in sent])
-        return {**global_state, **mean}
+        """The next global state from the round's collected uploads. Override it only when the
+        aggregation needs every upload at once (the engine then keeps the list); by default it
+        runs the streaming hooks over the list, so both paths give the same bits."""
+        acc = self.begin_aggregation(global_state, {u.cid: u.n_train for u in uploads if u.payload})
+        for upload in uploads:
+            self.accumulate(acc, upload)
+        return self.finish_aggregation(acc, global_state)
+
+    def streams_aggregation(self) -> bool:
+        """Whether the engine streams uploads into the hooks: yes unless `aggregate` was replaced,
+        by the class or on the instance (a wrapper that records the uploads needs the list)."""
+        return getattr(self.aggregate, "__func__", None) is Algorithm.aggregate
 
     def eval_state(self, cid: int, global_state: State) -> State:
         """The state client `cid` is evaluated with: the global model under what the client kept.

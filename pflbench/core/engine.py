@@ -1,9 +1,11 @@
 """The one round loop every algorithm runs in.
 
 Sample clients, let each start from the state its algorithm gives it, train locally, upload,
-aggregate, and evaluate every `eval_every` rounds and after the last. Client sampling is drawn
-once per seed, so every algorithm sees the same clients in the same rounds. The engine knows no
-file formats and no CLI: it returns a :class:`RunResult` in memory.
+aggregate, and evaluate every `eval_every` rounds and after the last. Uploads are aggregated as
+they arrive, so a round holds one model, not one per sampled client, unless the algorithm needs
+the whole list (it overrides `Algorithm.aggregate`). Client sampling is drawn once per seed, so
+every algorithm sees the same clients in the same rounds. The engine knows no file formats and
+no CLI: it returns a :class:`RunResult` in memory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pflbench.errors import UserError
 from pflbench.core.metrics import evaluation_figures
 from pflbench.core.models import build_model
 from pflbench.core.partition import ClientSplit
-from pflbench.core.state import get_state, nbytes, set_state, subset
+from pflbench.core.state import State, get_state, nbytes, set_state, subset
 from pflbench.core.training import ClientData, Trainer, TrainStats
 
 ProgressFn = Callable[[int, dict[str, float] | None], None]
@@ -100,10 +102,12 @@ class Engine:
         return out
 
     def train_round(self, round_: int) -> TrainStats:
+        """One round: every sampled client trains from its start state and uploads; each upload
+        is handed to the aggregation as soon as it is made (see `_aggregation`)."""
         stats = TrainStats()
-        uploads = []
         sampled = self.schedule[round_ - 1]
         self._timed("server_s", self.algo.begin_round, round_, sampled)
+        receive, finish = self._aggregation(sampled)
         for cid in sampled:
             self.comm["down"] += nbytes(subset(self.global_state, self.algo.download_keys(cid)))
             start = self._timed("server_s", self.algo.client_start, cid, self.global_state)
@@ -111,9 +115,27 @@ class Engine:
             stats += self._timed("client_s", self.algo.local_train, cid, self.model, round_)
             payload = self._timed("server_s", self.algo.upload, cid, get_state(self.model))
             self.comm["up"] += nbytes(payload)
-            uploads.append(Upload(cid, self.clients[cid].n_train, payload))
-        self.global_state = self._timed("server_s", self.algo.aggregate, uploads, self.global_state)
+            receive(Upload(cid, self.clients[cid].n_train, payload))
+            del start, payload  # nothing of this client's stays alive but what the algorithm keeps
+        self.global_state = self._timed("server_s", finish)
         return stats
+
+    def _aggregation(self, sampled: list[int]) -> tuple[Callable[[Upload], None], Callable[[], State]]:
+        """How a round's uploads reach the algorithm: `receive` takes each upload, `finish` gives
+        the next global state. Streamed into the algorithm's accumulator as they arrive (memory:
+        one model plus what the algorithm keeps), unless the algorithm overrides `aggregate`,
+        which needs every upload: then the list is collected and handed over at the end."""
+        algo, global_state = self.algo, self.global_state
+        if not algo.streams_aggregation():
+            uploads: list[Upload] = []
+            return uploads.append, lambda: algo.aggregate(uploads, global_state)
+        expected = {cid: self.clients[cid].n_train for cid in sampled}
+        acc = self._timed("server_s", algo.begin_aggregation, global_state, expected)
+
+        def receive(upload: Upload) -> None:
+            self._timed("server_s", algo.accumulate, acc, upload)
+
+        return receive, lambda: algo.finish_aggregation(acc, global_state)
 
     def evaluate(self, round_: int) -> list[dict[str, Any]]:
         """One row per client, with the model that client would use (and fine-tuned, if asked).

@@ -32,18 +32,57 @@ def subset(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:
     return {k: state[k] for k in keys if k in state}
 
 
-@torch.no_grad()
+class RunningMean:
+    """A weighted mean of states that arrive one at a time, holding one state's tensors, not all.
+
+    Each state is scaled by `weight / total` as it arrives, `total` being the sum of the weights
+    announced up front, and added to the running sum in arrival order: the operations, their
+    order and their float32 rounding are those of a mean over the collected list, so the result
+    is the same to the bit (the sum stays in the states' dtype for that reason; a float64 sum
+    would be more accurate but would change every result at the rounding level and double the
+    memory). A tensor that only some states carry is averaged over those: its sum is rescaled by
+    `total / (their weight)` at the end, exact within one rounding. Without a positive `total`,
+    the sums are of `weight * state` and divided at the end.
+    """
+
+    def __init__(self, total: float = 0.0):
+        self.total = float(total)
+        self.sums: State = {}
+        self.weights: dict[str, float] = {}  # per tensor name: the weight of the states that sent it
+
+    @property
+    def norm(self) -> float:
+        return self.total if self.total > 0 else 1.0
+
+    @torch.no_grad()
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        scale = weight / self.norm
+        for key, value in state.items():
+            if key in self.sums:
+                self.sums[key].add_(value, alpha=scale)
+            else:
+                self.sums[key] = value * scale  # a new tensor: the running sum never aliases a state
+            self.weights[key] = self.weights.get(key, 0) + weight
+
+    @torch.no_grad()
+    def result(self) -> State:
+        """The mean of every tensor some state sent with a positive weight (the sums themselves
+        where every announced weight arrived: no further arithmetic)."""
+        mean = {}
+        for key, acc in self.sums.items():
+            got = self.weights[key]
+            if got > 0:
+                mean[key] = acc if got == self.norm else acc * (self.norm / got)
+        return mean
+
+
 def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> State:
-    """Sum of w_i * state_i with weights normalized to 1, over the keys of the first state."""
-    total = float(sum(weights))
-    scale = [w / total for w in weights]
-    mean = {}
-    for key in states[0]:
-        acc = states[0][key] * scale[0]
-        for state, s in zip(states[1:], scale[1:]):
-            acc.add_(state[key], alpha=s)
-        mean[key] = acc
-    return mean
+    """Sum of w_i * state_i with weights normalized to 1 (a tensor some states lack is averaged
+    over those that have it). The same arithmetic as streaming the states into a `RunningMean`."""
+    mean = RunningMean(sum(weights))
+    for state, w in zip(states, weights):
+        mean.add(state, w)
+    return mean.result()
 
 
 def nbytes(state: Mapping[str, torch.Tensor]) -> int:
