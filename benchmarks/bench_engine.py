@@ -6,15 +6,18 @@ a ratio above 1 rather than as a slower benchmark nobody can explain.
 
 Workload (CIFAR-10 shaped, synthetic): 60,000 normalized 3x32x32 float32 images, 10 classes,
 IID over 100 clients (25% of each client held out for testing), 10 clients per round, 5 local
-epochs, batch 32, lr 0.01, model `fedavgcnn` in channels_last, on the CPU with every core.
+epochs, batch 32, lr 0.01, model `fedavgcnn` in channels_last, on a CUDA GPU when one is visible
+(`--device auto`), else on the CPU with every core. The engine is also timed in bf16
+(`--precision bf16`: autocast for local training), reported as its speed-up over fp32; CPUs
+without native bf16 (no AVX512-BF16 or AMX) emulate it and are slower in bf16.
 
 Both sides start from the same initial weights, train the same sampled clients on the same
 tensors with the same shuffles (seeded by `stream_seed(seed, round, client, "train")`), so they
 take identical SGD steps; after the untimed warm-up round the script checks that their global
 models agree. Evaluation is not timed: the engine is driven through `Engine.train_round`.
 
-    python benchmarks/bench_engine.py [--rounds N] [--repeats K] [--momentum M]
-                                      [--compare-memory-format]
+    python benchmarks/bench_engine.py [--rounds N] [--repeats K] [--momentum M] [--device D]
+                                      [--no-bf16] [--compare-memory-format]
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from algorithms.fedavg import FedAvg
 from pflbench.experiments.config import RunConfig
 from pflbench.core.data import Dataset
-from pflbench.core.engine import Engine
+from pflbench.core.engine import Engine, resolve_device
 from pflbench.core.models import build_model
 from pflbench.core.partition import ClientSplit, PartitionSpec, partition
 from pflbench.core.training import stream_seed
@@ -49,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating engine/plain measurements; the fastest of each counts (default 3)")
     parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0.0)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when visible), cpu or cuda")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the engine's bf16 timing")
     parser.add_argument("--compare-memory-format", action="store_true",
                         help="also time the plain loop with contiguous (NCHW) tensors")
     args = parser.parse_args()
@@ -68,22 +73,23 @@ def synthetic_cifar10() -> Dataset:
     return Dataset("cifar10-synthetic", x, y, NUM_CLASSES)
 
 
-def run_config(rounds: int, momentum: float) -> RunConfig:
+def run_config(rounds: int, momentum: float, precision: str = "fp32") -> RunConfig:
     return RunConfig(algo="fedavg", dataset="cifar10-synthetic", partition="iid", clients=NUM_CLIENTS,
                      join_ratio=0.1, rounds=rounds, local_epochs=5, batch_size=32, lr=0.01,
-                     momentum=momentum, model="fedavgcnn", seed=SEED, test_ratio=0.25)
+                     momentum=momentum, model="fedavgcnn", seed=SEED, test_ratio=0.25, precision=precision)
 
 
 class PlainFedAvg:
     """FedAvg written directly in PyTorch: one model, load the global weights, SGD, average."""
 
     def __init__(self, data: Dataset, splits: list[ClientSplit], config: RunConfig,
-                 schedule: list[list[int]], memory_format: torch.memory_format):
+                 schedule: list[list[int]], memory_format: torch.memory_format, device: torch.device):
         torch.manual_seed(config.seed)
-        self.model = build_model("fedavgcnn", IMAGE_SHAPE, NUM_CLASSES).to(memory_format=memory_format)
-        self.x = data.x.contiguous(memory_format=memory_format)
-        self.y = data.y
-        self.train_idx = [torch.as_tensor(s.train) for s in splits]
+        model = build_model("fedavgcnn", IMAGE_SHAPE, NUM_CLASSES).to(device)
+        self.model = model.to(memory_format=memory_format)
+        self.x = data.x.to(device).contiguous(memory_format=memory_format)
+        self.y = data.y.to(device)
+        self.train_idx = [torch.as_tensor(s.train, device=device) for s in splits]
         self.config = config
         self.schedule = schedule
         self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -95,7 +101,7 @@ class PlainFedAvg:
         opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum)
         self.model.train()
         for _ in range(c.local_epochs):
-            order = idx[torch.randperm(len(idx), generator=gen)]
+            order = idx[torch.randperm(len(idx), generator=gen).to(idx.device)]
             for start in range(0, len(order), c.batch_size):
                 take = order[start:start + c.batch_size]
                 opt.zero_grad(set_to_none=True)
@@ -114,10 +120,17 @@ class PlainFedAvg:
         self.weights = mean
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def seconds_per_round(train_round: Callable[[int], object], rounds: range) -> float:
+    synchronize()
     start = time.perf_counter()
     for r in rounds:
         train_round(r)
+    synchronize()
     return (time.perf_counter() - start) / len(rounds)
 
 
@@ -125,17 +138,22 @@ def max_weight_gap(engine: Engine, plain: PlainFedAvg) -> float:
     return max((engine.global_state[k] - plain.weights[k]).abs().max().item() for k in plain.weights)
 
 
-def build_loops(args: argparse.Namespace) -> tuple[Engine, dict[str, PlainFedAvg]]:
+def build_loops(args: argparse.Namespace) -> tuple[Engine, dict[str, PlainFedAvg], Engine | None]:
+    """The fp32 engine, the plain loops, and the bf16 engine (None with --no-bf16)."""
+    device = resolve_device(args.device)
     data = synthetic_cifar10()
     spec = PartitionSpec(scheme="iid", num_clients=NUM_CLIENTS, seed=SEED, test_ratio=0.25)
     splits = partition(data.y.numpy(), spec)
-    config = run_config(1 + args.rounds * args.repeats, args.momentum)
-    engine = Engine(config, data, splits, FedAvg, FedAvg.Hyperparams(), torch.device("cpu"))
+    rounds = 1 + args.rounds * args.repeats
+    engine = Engine(run_config(rounds, args.momentum), data, splits, FedAvg, FedAvg.Hyperparams(), device)
+    bf16 = None if args.no_bf16 else Engine(run_config(rounds, args.momentum, "bf16"), data, splits, FedAvg,
+                                             FedAvg.Hyperparams(), device)
     formats = {"plain": torch.channels_last}
     if args.compare_memory_format:
         formats["plain contiguous"] = torch.contiguous_format
-    plains = {name: PlainFedAvg(data, splits, config, engine.schedule, fmt) for name, fmt in formats.items()}
-    return engine, plains
+    plains = {name: PlainFedAvg(data, splits, engine.config, engine.schedule, fmt, device)
+              for name, fmt in formats.items()}
+    return engine, plains, bf16
 
 
 def warm_up(engine: Engine, plains: dict[str, PlainFedAvg]) -> None:
@@ -165,13 +183,18 @@ def measure(loops: dict[str, Callable[[int], object]], rounds: int, repeats: int
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(cpu_count())
-    engine, plains = build_loops(args)
+    engine, plains, bf16 = build_loops(args)
     c = engine.config
     steps = c.local_epochs * sum(-(-engine.clients[cid].n_train // c.batch_size) for cid in engine.schedule[0])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {c.clients_per_round} clients/round, "
-          f"{steps} SGD steps in round 1, momentum {c.momentum}")
+    device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else \
+        f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{c.clients_per_round} clients/round, {steps} SGD steps in round 1, momentum {c.momentum}")
     warm_up(engine, plains)
     loops = {"engine": engine.train_round, **{name: p.train_round for name, p in plains.items()}}
+    if bf16 is not None:
+        bf16.train_round(1)
+        loops["engine bf16"] = bf16.train_round
     best = measure(loops, args.rounds, args.repeats)
     if args.compare_memory_format:
         cl, nchw = best["plain"], best["plain contiguous"]
@@ -179,7 +202,10 @@ def main() -> None:
         print(f"plain loop memory format: channels_last {cl:.2f} s/round, contiguous {nchw:.2f} s/round "
               f"-> {winner} is faster by {max(cl, nchw) / min(cl, nchw):.2f}x")
     print(f"engine/plain ratio: {best['engine'] / best['plain']:.2f} "
-          f"(engine {best['engine']:.1f} s/round, plain {best['plain']:.1f} s/round)")
+          f"(engine {best['engine']:.2f} s/round, plain {best['plain']:.2f} s/round)")
+    if bf16 is not None:
+        print(f"engine bf16: {best['engine bf16']:.2f} s/round, {best['engine'] / best['engine bf16']:.2f}x "
+              "the speed of fp32")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Sample clients, let each start from the state its algorithm gives it, train loca
 aggregate, and evaluate every `eval_every` rounds and after the last. Uploads are aggregated as
 they arrive, so a round holds one model, not one per sampled client, unless the algorithm needs
 the whole list (it overrides `Algorithm.aggregate`). Client sampling is drawn once per seed, so
-every algorithm sees the same clients in the same rounds. The engine knows no file formats and
-no CLI: it returns a :class:`RunResult` in memory.
+every algorithm sees the same clients in the same rounds. With `precision = bf16`, local training
+and evaluation (test-time adaptation included) run under bf16 autocast; the server's work stays
+in float32. The engine knows no file formats and no CLI: it returns a :class:`RunResult` in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pflbench.core.metrics import evaluation_figures
 from pflbench.core.models import build_model
 from pflbench.core.partition import ClientSplit
 from pflbench.core.state import State, get_state, nbytes, set_state, subset
-from pflbench.core.training import ClientData, Trainer, TrainStats
+from pflbench.core.training import ClientData, Trainer, TrainStats, precision_context
 
 ProgressFn = Callable[[int, dict[str, float] | None], None]
 
@@ -112,7 +113,8 @@ class Engine:
             self.comm["down"] += nbytes(subset(self.global_state, self.algo.download_keys(cid)))
             start = self._timed("server_s", self.algo.client_start, cid, self.global_state)
             set_state(self.model, start)
-            stats += self._timed("client_s", self.algo.local_train, cid, self.model, round_)
+            with precision_context(self.config.precision, self.device):  # client-side work only
+                stats += self._timed("client_s", self.algo.local_train, cid, self.model, round_)
             payload = self._timed("server_s", self.algo.upload, cid, get_state(self.model))
             self.comm["up"] += nbytes(payload)
             receive(Upload(cid, self.clients[cid].n_train, payload))
@@ -169,7 +171,8 @@ class Engine:
                 raise FloatingPointError(f"training loss is {train_loss} in round {round_}; lower --lr")
             figures = None
             if round_ % self.config.eval_every == 0 or round_ == self.config.rounds:
-                rows = self._counted("eval_grad_evals", self._timed, "eval_s", self.evaluate, round_)
+                with precision_context(self.config.precision, self.device):
+                    rows = self._counted("eval_grad_evals", self._timed, "eval_s", self.evaluate, round_)
                 result.clients.extend(rows)
                 figures = evaluation_figures(rows)
                 result.rounds.append({"round": round_, **figures, "train_loss": train_loss,

@@ -14,9 +14,10 @@ counts one per sample, a finite-difference Hessian-vector product two). Forward-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,19 @@ EVAL_BATCH = 4096
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
+
+
+def precision_context(precision: str, device: torch.device) -> ContextManager:
+    """The numeric precision of local training and evaluation: `fp32`, or `bf16` autocast
+    (matrix products and convolutions in bfloat16, losses, reductions and weights in float32, as
+    torch.autocast does). CPUs without native bf16 (AVX512-BF16 or AMX) emulate it, more slowly.
+
+    The context spans whole local schedules (optimizer steps included), so autocast's cache of
+    bf16 weight copies is off: with it on, every forward pass in the context would reuse the
+    weights as they were at its first pass, and training would not move the model it evaluates."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
 
 
 def stream_seed(*parts: object) -> int:
