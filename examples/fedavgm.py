@@ -19,7 +19,6 @@ Use it without installing anything:
 from dataclasses import dataclass
 
 from pflbench import Algorithm, register_algorithm
-from pflbench.core.state import weighted_mean
 
 
 @register_algorithm("fedavgm")
@@ -36,8 +35,9 @@ class FedAvgM(Algorithm):
         super().__init__(ctx, hp)
         self.velocity = None
 
-    def aggregate(self, uploads, global_state):
-        mean = weighted_mean([u.payload for u in uploads], [u.n_train for u in uploads])
+    def finish_aggregation(self, acc, global_state):
+        """The engine has streamed every upload into the weighted mean; step from it with momentum."""
+        mean = super().finish_aggregation(acc, global_state)
         delta = {k: global_state[k] - mean[k] for k in mean}
         if self.velocity is None:
             self.velocity = delta
