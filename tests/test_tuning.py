@@ -259,3 +259,11 @@ def test_tune_user_errors_are_one_line(tmp_path, args, message):
                                       "--results", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and message in result.output
+
+
+def test_protocol_keys_survive_a_later_setting_at_its_default():
+    from pflbench.experiments.config import protocol_key
+
+    settings = {"rounds": 10, "lr": 0.05}
+    assert protocol_key(settings) == protocol_key({**settings, "precision": "fp32", "val_ratio": 0.1})
+    assert protocol_key(settings) != protocol_key({**settings, "precision": "bf16"})

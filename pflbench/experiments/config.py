@@ -169,5 +169,7 @@ def resolved_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def protocol_key(settings: dict[str, Any]) -> str:
     """What a tuned cell and its tuning study must share: every setting but the tuning-only ones."""
-    full = {k: v for k, v in sorted(resolved_settings(settings).items()) if k not in NOT_PROTOCOL}
+    # as in run ids, a later setting at its default is left out, so adding a setting keeps studies
+    full = {k: v for k, v in sorted(resolved_settings(settings).items())
+            if k not in NOT_PROTOCOL and LATER_SETTINGS.get(k, object()) != v}
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
