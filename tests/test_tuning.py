@@ -206,7 +206,8 @@ def test_killed_tuning_resumes_to_the_same_choices(tmp_path):
     restart = subprocess.run(tune_command(cut), env=env, capture_output=True, text=True)
     assert restart.returncode == 0, restart.stderr
     pd.testing.assert_frame_equal(trials_table(full), trials_table(cut))
-    pd.testing.assert_frame_equal(pd.read_csv(full / "tuning" / "chosen.csv"), pd.read_csv(cut / "tuning" / "chosen.csv"))
+    chosen_full, chosen_cut = (pd.read_csv(r / "tuning" / "chosen.csv") for r in (full, cut))
+    pd.testing.assert_frame_equal(chosen_full, chosen_cut)
     assert not list((cut / "tuning" / "runs").glob(".staging-*"))
 
 
@@ -235,19 +236,26 @@ def test_tuned_sweep_runs_the_choices_on_other_seeds(tmp_path):
 
 
 def test_tuned_and_untuned_rows_never_average(tmp_path):
-    from pflbench.analysis.leaderboard import load_runs, long_leaderboard
+    from pflbench.analysis.leaderboard import load_runs, long_leaderboard, ranking_table, wide_leaderboard
     from pflbench.experiments.sweep import run_sweep
 
     results = tmp_path / "r"
-    run_tuning(plan(), budget=2, tune_seeds=(7,), val_ratio=0.2, results=results, data_root=NO_DATA, workers=1)
-    run_sweep(plan(seeds=(0,)), results, NO_DATA)
-    run_sweep(plan(seeds=(0,)), results, NO_DATA, tuned=True)
+    grid = dict(algos=("fedavg", "fedprox", "local"), alphas=(0.1, 0.5))
+    run_tuning(plan(**grid), budget=2, tune_seeds=(7,), val_ratio=0.2, results=results, data_root=NO_DATA,
+               workers=1)
+    run_sweep(plan(seeds=(0,), **grid), results, NO_DATA)
+    run_sweep(plan(seeds=(0,), **grid), results, NO_DATA, tuned=True)
     board = long_leaderboard(load_runs(results))
-    assert len(board) == 4 and (board["seeds"] == 1).all()
+    assert len(board) == 12 and (board["seeds"] == 1).all()
     tuned = board[board["tuned_budget"] == 2]
-    assert len(tuned) == 2 and tuned["protocol"].str.endswith("-tuned2").all()
-    assert tuned["protocol"].nunique() == 1 and tuned["hp"].str.contains("lr=").all()
+    assert len(tuned) == 6 and tuned["protocol"].str.endswith("-tuned2").all()
+    assert tuned["protocol"].nunique() == 1 and (tuned["hp"] == "tuned").all()
+    assert tuned["chosen"].str.contains("lr=").all()
     assert (board[board["tuned_budget"] == 0]["protocol"] != tuned["protocol"].iloc[0]).all()
+    wide = wide_leaderboard(tuned)  # one row per algorithm, though its choice differs per alpha
+    assert sorted(wide["algo"]) == ["fedavg", "fedprox", "local"]
+    assert wide[["alpha=0.1", "alpha=0.5"]].notna().all().all()
+    assert set(ranking_table(board)["protocol"]) == set(board["protocol"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,8 +4,9 @@ Runs are grouped by (dataset, partition, alpha, algo, hyperparameters, protocol)
 protocol is every other setting that changes results (clients, rounds, epochs, lr, model, ...),
 so runs of different protocols are never averaged together. Cells run with tuned hyperparameters
 (`pflbench sweep --tuned`) form a protocol of their own, labelled `-tuned<budget>`, in which the
-learning rate is one of the chosen values (shown in `hp`) rather than a shared setting: tuned
-rows are compared with each other and never averaged with untuned ones.
+learning rate is one of the chosen values rather than a shared setting: tuned rows are compared
+with each other and never averaged with untuned ones. A tuned algorithm is one entry across the
+cells (`hp` reads `tuned`), though its choice differs per cell; `chosen` holds each cell's values.
 
 Beside accuracy, each row carries the algorithm's declared test-time adaptation (`eval_adapt`:
 FedBABU's `acc` already includes its fine-tuning, FedAvg's does not), its local compute in
@@ -56,7 +57,7 @@ def protocol_label(config: dict) -> str:
 
 
 def hp_label(hp: dict, config: dict | None = None) -> str:
-    """The hyperparameters; for a tuned cell the chosen learning rate too."""
+    """The hyperparameters (with `config` of a tuned cell: the chosen learning rate too)."""
     shown = dict(hp)
     if config and config.get("tuned_budget", 0):
         shown["lr"] = f"{config['lr']:.4g}"
@@ -73,7 +74,8 @@ def load_runs(results: Path) -> pd.DataFrame:
             config = json.loads((summary_path.parent / "config.json").read_text())["config"]
         except (OSError, ValueError, KeyError):
             continue
-        rows.append({**summary, "run_dir": str(summary_path.parent), "hp": hp_label(config["hp"], config),
+        rows.append({**summary, "run_dir": str(summary_path.parent), "hp": "tuned" if config.get("tuned_budget", 0) else hp_label(config["hp"]),
+                     "chosen": hp_label(config["hp"], config) if config.get("tuned_budget", 0) else "",
                      "protocol": protocol_label(config), "clients": config["clients"],
                      "rounds": config["rounds"], "tuned_budget": config.get("tuned_budget", 0),
                      "tuned_study": config.get("tuned_study", ""), "settings_key": protocol_key(config),
@@ -91,7 +93,7 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
                "comm_mb", "grad_evals",
                "eval_grad_evals", "wall_s"]
     metrics = [m for m in metrics if m in ok.columns]
-    labels = [c for c in ("eval_adapt", "tuned_budget", "paper_protocol") if c in ok.columns]
+    labels = [c for c in ("eval_adapt", "tuned_budget", "chosen", "paper_protocol") if c in ok.columns]
     grouped = ok.groupby(GROUP, dropna=False)
     board = grouped[metrics].mean()
     board.insert(0, "seeds", grouped.size())
