@@ -18,7 +18,7 @@ from pflbench.experiments.config import RunConfig
 from pflbench.core.data import available_datasets, data_root
 from pflbench.errors import UserError
 from pflbench.core.models import MODELS
-from pflbench.core.search import search_space
+from pflbench.core.search import search_space, show_value
 from pflbench.experiments.tuning import LR_SPACE_NOTE
 from pflbench.experiments.options import given, with_run_flags
 from pflbench.core.registry import ALGORITHMS, get_algorithm, hyperparam_defaults, load_algorithms, \
@@ -222,7 +222,7 @@ def tune(
     val_ratio = flags.pop("val_ratio", None)
 
     def report_trial(pending: Any, value: Optional[float]) -> None:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in pending.values.items())
+        shown = ", ".join(f"{k}={show_value(v)}" for k, v in pending.values.items())
         outcome = f"val {value:.2f}%" if value is not None else "FAILED"
         typer.echo(f"{pending.spec.name} trial {pending.trial.number}: {outcome} ({shown})")
 

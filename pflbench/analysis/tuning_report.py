@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 
 from pflbench.analysis.leaderboard import hp_label  # noqa: E402
 from pflbench.atomic import atomic_path  # noqa: E402
+from pflbench.core.search import show_value  # noqa: E402
 
 TUNING = "tuning"
 PANELS_PER_ROW = 6
@@ -47,7 +48,7 @@ def format_values(values_json: str) -> str:
     if not isinstance(values_json, str) or not values_json:
         return ""
     values = json.loads(values_json)
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    return ", ".join(f"{k}={show_value(v)}" for k, v in values.items())
 
 
 def optimization_history(trials: pd.DataFrame, path: Path) -> Path:

@@ -151,6 +151,11 @@ class Fixed:
         return f"= {self.value}"
 
 
+def show_value(value: Any) -> str:
+    """A drawn value for people: 6 significant digits, so a q of 0.999985 is not shown as 1."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def tunable(default: Any, space: Space) -> Any:
     """A dataclass field with `default` whose search space is `space`."""
     return dataclasses.field(default=default, metadata={SEARCH: space})
