@@ -71,7 +71,8 @@ def optimization_history(trials: pd.DataFrame, path: Path) -> Path:
         if len(default) and default["objective"].notna().all():
             ax.axhline(float(default["objective"].iloc[0]), ls="--", lw=0.8, color="grey")
         first = part.iloc[0] if len(part) else None
-        ax.set_title(f"{first['algo']} a={first['alpha']:g}" if first is not None else study, fontsize=8)
+        ax.set_title(f"{first['algo']} {first['dataset']} a={first['alpha']:g}" if first is not None else study,
+                     fontsize=8)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(studies):]:
