@@ -5,7 +5,6 @@ A user's mistake (a :class:`UserError`) becomes one line on stderr and exit stat
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -14,15 +13,13 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pflbench.experiments.config import RunConfig
 from pflbench.core.data import available_datasets, data_root
 from pflbench.errors import UserError
 from pflbench.core.models import MODELS
 from pflbench.core.search import search_space, show_value
 from pflbench.experiments.tuning import LR_SPACE_NOTE
 from pflbench.experiments.options import given, with_run_flags
-from pflbench.core.registry import ALGORITHMS, get_algorithm, hyperparam_defaults, load_algorithms, \
-    parse_hp_pairs, resolve_hyperparams
+from pflbench.core.registry import ALGORITHMS, hyperparam_defaults, load_algorithms, parse_hp_pairs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pflbench: a benchmark harness for personalized federated learning.")
@@ -49,13 +46,6 @@ def warn(warnings: list[str]) -> None:
 
 def warn_one(warning: str) -> None:
     typer.echo(f"pflbench: warning: {warning}", err=True)
-
-
-def build_config(algo: str, hp_pairs: list[str], **settings: Any) -> RunConfig:
-    """A RunConfig with the algorithm's hyperparameters resolved and typed (defaults included)."""
-    cls = get_algorithm(algo)
-    hyperparams = resolve_hyperparams(cls, parse_hp_pairs(hp_pairs))
-    return RunConfig(algo=algo, hp=dataclasses.asdict(hyperparams), **settings)
 
 
 class RoundProgress:
