@@ -132,6 +132,7 @@ class _LogitMixture(nn.Module):
 class APFL(Algorithm):
     description = "Each client mixes a personal model with the global one by a learned weight alpha."
     citation = "Deng et al., arXiv:2003.13461, 2020"
+    client_state = "a personal model and its mixing weight alpha"
     eval_adapt = "mixture of the personal and the current global model by the client's alpha (no training)"
 
     @dataclass

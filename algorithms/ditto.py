@@ -63,6 +63,7 @@ GLOBAL_STREAM = "ditto-global"
 class Ditto(Algorithm):
     description = "FedAvg global model plus a personal model per client pulled to it by lam/2 ||v - w||^2."
     citation = "Li et al., ICML 2021"
+    client_state = "a personal model"
 
     @dataclass
     class Hyperparams:

@@ -90,6 +90,7 @@ from pflbench.core.training import TrainStats, stream_seed
 class FedALA(Algorithm):
     description = "Clients start each round from an element-wise learned mix of their local and the global model."
     citation = "Zhang et al., AAAI 2023"
+    client_state = "its last local model and its ALA weights (one per element of the ALA layers)"
     eval_adapt = ("ALA of the current global model and the client's local model: W learned for one epoch "
                   "from the client's stored W on {rand_percent}% of its training data (to convergence from "
                   "W = 1 where it has none), then merged; W is not kept")

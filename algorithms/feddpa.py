@@ -139,6 +139,7 @@ def above_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 class FedDPA(Algorithm):
     description = "Elements with high layer-normalized Fisher information keep the client's value (DP omitted)."
     citation = "Yang et al., NeurIPS 2023"
+    client_state = "its last trained model (the Fisher merge is recomputed from it)"
     eval_adapt = ("Fisher merge of the current global model and the client's model ({mask} threshold "
                   "{fisher_threshold}; per-sample gradients on its training data)")
 

@@ -61,6 +61,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 class FedOBP(Algorithm):
     description = "Element-wise decoupling: the server personalizes the top (1-q) elements by an OBD-style score."
     citation = "Chen et al., arXiv:2604.16574, 2026"
+    client_state = "its last upload and, with ema, its smoothed importance scores"
     eval_adapt = "element merge of the current global model and the client's last upload (no training)"
 
     @dataclass

@@ -85,6 +85,7 @@ class GenericPlusPersonal(nn.Module):
 class FedRoD(Algorithm):
     description = "Body + generic head (balanced softmax) shared; a personal residual head per client."
     citation = "Chen and Chao, ICLR 2022"
+    client_state = "a personal head"
     eval_adapt = "sum of the global head's and the client's personal head's logits (no training)"
 
     @dataclass

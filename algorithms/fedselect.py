@@ -100,6 +100,7 @@ PERSONAL_STREAM = "fedselect-personal"
 class FedSelect(Algorithm):
     description = "Per-client personal subnetwork grown by the largest local updates (GradSelect) up to a cap."
     citation = "Tamirisa et al., CVPR 2024"
+    client_state = "its personal mask and values, and the model at the start of its growth window"
     eval_adapt = "element merge of the current global model and the client's personal values (no training)"
 
     @dataclass

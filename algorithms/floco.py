@@ -262,6 +262,7 @@ def assign_centers(signals: torch.Tensor, m: int) -> torch.Tensor:
 class Floco(Algorithm):
     description = "Last layer as a simplex of M endpoints; each client trains in an L1 ball around its center."
     citation = "Grinwald et al., NeurIPS 2024"
+    client_state = "its subregion center on the simplex"
     eval_adapt = ("the client's subregion center on the simplex (the barycenter before the assignment; "
                   "no training)")
 

@@ -66,6 +66,7 @@ from pflbench.core.state import State, subset
 class LGFedAvg(Algorithm):
     description = "Some layers personal (local representations), the others shared and averaged."
     citation = "Liang et al., arXiv:2001.01523, 2020"
+    client_state = "its personal layers (those global_layers={global_layers} leaves out)"
     personal = "body"
 
     @dataclass

@@ -87,6 +87,7 @@ from pflbench.core.training import TrainStats, cross_entropy
 class PFedMe(Algorithm):
     description = "Personal model = proximal point of the local loss; local model descends its Moreau envelope."
     citation = "T. Dinh et al., NeurIPS 2020"
+    client_state = "a personal model"
 
     @dataclass
     class Hyperparams:

@@ -69,6 +69,17 @@ def test_every_algorithm_declares_its_test_time_adaptation():
         assert text and "{" not in text, name
 
 
+def test_every_algorithm_declares_what_it_keeps_per_client():
+    load_algorithms()
+    for name, cls in ALGORITHMS.items():
+        text = cls.describe_client_state(cls.Hyperparams())
+        assert text and "{" not in text, name
+    assert ALGORITHMS["fedavg"].describe_client_state(None) == "nothing"
+    assert ALGORITHMS["fedper"].describe_client_state(None) == "its head"
+    lg = ALGORITHMS["lgfedavg"]
+    assert "global_layers=first" in lg.describe_client_state(lg.Hyperparams(global_layers="first"))
+
+
 @pytest.mark.parametrize("algo, hp, expected", [
     ("fedavg", {}, "none"),
     ("fedbabu", {"finetune_epochs": 7}, "fine-tune 7 epochs"),

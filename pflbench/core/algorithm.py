@@ -42,6 +42,10 @@ receiving its state and being tested ("none" for FedAvg; FedBABU fine-tunes; Per
 gradient step). It is a format string over the hyperparameters, so the summary and `pflbench list`
 say e.g. "fine-tune 5 epochs from the global model". The engine's `--finetune-epochs` is separate:
 it adds `_ft` figures to any algorithm.
+
+Every algorithm also declares what it keeps per client between rounds, in `client_state` (client
+side or server side: a personal head, a control variate, a whole model, ...), so memory and
+privacy are read off `pflbench list`; left empty it follows from `personal`.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class Algorithm:
     Hyperparams: ClassVar[type] = NoHyperparams
     personal: ClassVar[Role | None] = None
     eval_adapt: ClassVar[str] = "none"
+    client_state: ClassVar[str] = ""
 
     def __init__(self, ctx: Context, hp: Any):
         self.ctx = ctx
@@ -215,6 +220,16 @@ class Algorithm:
         """`eval_adapt` with the hyperparameters filled in (e.g. "fine-tune 5 epochs")."""
         values = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) else {}
         return cls.eval_adapt.format(**values)
+
+    @classmethod
+    def describe_client_state(cls, hp: Any) -> str:
+        """What the algorithm keeps per client between rounds (`client_state`, or what `personal`
+        implies), with the hyperparameters filled in."""
+        if cls.client_state:
+            values = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) else {}
+            return cls.client_state.format(**values)
+        return {"head": "its head", "body": "its body", "all": "its whole model",
+                None: "nothing"}[cls.personal]
 
     def eval_adaptation(self) -> str:
         return self.describe_eval_adaptation(self.hp)
