@@ -263,7 +263,8 @@ class APFL(Algorithm):
         if v is None or self.hp.mix == "logits":
             return global_state
         a = self.alpha_of(cid)
-        return {k: v[k] * a + global_state[k] * (1.0 - a) for k in global_state}
+        # tensors the personal model lacks (BatchNorm statistics) are the global model's
+        return {k: v[k] * a + g * (1.0 - a) if k in v else g for k, g in global_state.items()}
 
     def eval_model(self, cid: int, global_state: State) -> nn.Module:
         if self.hp.mix == "params" or cid not in self.personal:

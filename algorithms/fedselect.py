@@ -120,7 +120,7 @@ class FedSelect(Algorithm):
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         params = dict(ctx.model.named_parameters())
-        self.eligible = tuple(k for k in self.all_keys if params[k].dim() >= 2)
+        self.eligible = tuple(k for k in self.all_keys if k in params and params[k].dim() >= 2)  # weights, not BN statistics
         self.numels = {k: params[k].numel() for k in self.eligible}
         self.caps = {k: math.floor(hp.max_personal * n) for k, n in self.numels.items()}
         self.total = sum(p.numel() for p in ctx.model.parameters())

@@ -117,7 +117,8 @@ class SimplexHead(nn.Module):
         self.endpoints = nn.Parameter(weights.to(device))
         bias = head.bias.detach().clone() if head.bias is not None else torch.zeros(out_features)
         self.bias = nn.Parameter(bias.to(device))
-        self.register_buffer("alpha", torch.full((endpoints,), 1.0 / endpoints, device=device))
+        # not state: written from the client's center (or a sampled point) before every use
+        self.register_buffer("alpha", torch.full((endpoints,), 1.0 / endpoints, device=device), persistent=False)
 
     def weight(self) -> torch.Tensor:
         if self.endpoints.shape[0] == 1:

@@ -12,7 +12,7 @@ from pflbench.experiments.config import RunConfig
 from pflbench.core.data import Dataset, load_dataset
 from pflbench.core.engine import Engine
 from pflbench.core.partition import partition
-from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
 from pflbench.experiments.runner import partition_spec
 
 
@@ -25,7 +25,15 @@ def small_config(**changes) -> RunConfig:
     base = dict(dataset="digits", clients=6, rounds=3, local_epochs=1, batch_size=16, lr=0.05,
                 eval_every=1, alpha=0.5, model="mlp", seed=0)
     base.update(changes)
+    if "model" not in changes and needs_batchnorm(base.get("algo")):
+        base["model"] = "auto"  # a BatchNorm model (smallcnn_bn on digits), as the CLI's default gives
     return RunConfig(**base)
+
+
+def needs_batchnorm(algo: str | None) -> bool:
+    load_algorithms()
+    cls = ALGORITHMS.get(algo or "")
+    return cls is not None and cls.model_needs == "batchnorm"
 
 
 def make_engine(config: RunConfig, data: Dataset | None = None, device: str = "cpu", **hp) -> Engine:
@@ -60,3 +68,13 @@ def comm_bytes(result):
 
 def finite_accuracy(result):
     return all(math.isfinite(r["acc"]) and 0.0 <= r["acc"] <= 100.0 for r in result.rounds)
+
+
+@functools.lru_cache(maxsize=None)
+def digits16() -> Dataset:
+    """Digits upsampled to 16x16 (nearest): small images the conv nets (fedavgcnn, fedavgcnn_bn)
+    accept, still offline and fast."""
+    import torch.nn.functional as F
+
+    data = digits()
+    return Dataset("digits16", F.interpolate(data.x, size=(16, 16), mode="nearest"), data.y, data.num_classes)

@@ -12,9 +12,8 @@ from pflbench.errors import UserError
 from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fedavgm.py"
-BUILTINS = {"fedavg", "local", "fedper", "fedrep", "fedbabu", "lgfedavg", "fedobp", "fedprox", "ditto",
-            "pfedme", "apfl", "perfedavg", "fedala", "fedrod", "pfedfda", "flute", "feddpa", "fedselect",
-            "floco"}
+# every module of the algorithms package is a built-in, and must be declared in the entry points
+BUILTINS = {p.stem for p in (Path(__file__).resolve().parents[1] / "algorithms").glob("[!_]*.py")}
 TINY = ["--dataset", "digits", "--clients", "4", "--rounds", "2", "--local-epochs", "1", "--eval-every", "1"]
 
 

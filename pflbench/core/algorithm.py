@@ -124,6 +124,7 @@ class Algorithm:
     personal: ClassVar[Role | None] = None
     eval_adapt: ClassVar[str] = "none"
     client_state: ClassVar[str] = ""
+    model_needs: ClassVar[str | None] = None  # "batchnorm": `--model auto` picks a BatchNorm model
 
     def __init__(self, ctx: Context, hp: Any):
         self.ctx = ctx

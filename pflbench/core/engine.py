@@ -66,7 +66,8 @@ class Engine:
         self.config = config
         self.device = device
         torch.manual_seed(config.seed)
-        model = build_model(config.model, data.input_shape, data.num_classes).to(device)
+        model = build_model(config.model, data.input_shape, data.num_classes,
+                            needs=algorithm_cls.model_needs).to(device)
         if model.channels_last:
             model = model.to(memory_format=torch.channels_last)
             data = Dataset(data.name, data.x.to(device, memory_format=torch.channels_last),

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pflbench.core.state import state_tensors
 from pflbench.errors import UserError
 
 ModelBuilder = Callable[[tuple[int, int, int], int], "SplitModel"]
@@ -41,12 +42,23 @@ class SplitModel(nn.Module):
 
 
 def param_roles(model: SplitModel) -> dict[str, str]:
-    """Map every parameter name of the model to 'body' or 'head', from the submodule it lives in."""
+    """Map every state tensor of the model (its parameters and normalization statistics, see
+    :mod:`pflbench.core.state`) to 'body' or 'head', from the submodule it lives in."""
     roles = {}
     for role in ROLES:
-        for name, _ in getattr(model, role).named_parameters(prefix=role):
+        for name, _ in state_tensors(getattr(model, role), prefix=role):
             roles[name] = role
     return roles
+
+
+def norm_state_keys(model: nn.Module) -> tuple[str, ...]:
+    """Names of the state tensors of the model's BatchNorm layers (affine weight and bias, running
+    mean and variance), found by module type."""
+    keys = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            keys.extend(name for name, _ in state_tensors(module, prefix=module_name))
+    return tuple(keys)
 
 
 def layer_groups(keys: tuple[str, ...]) -> list[list[str]]:
@@ -66,6 +78,7 @@ def layer_groups(keys: tuple[str, ...]) -> list[list[str]]:
 def _flat_size(body: nn.Module, input_shape: tuple[int, int, int], model_name: str) -> int:
     try:
         with torch.no_grad():
+            body.eval()  # a probe, not data: BatchNorm statistics must not move
             return int(body(torch.zeros(1, *input_shape)).shape[1])
     except RuntimeError:
         raise UserError(f"model '{model_name}' does not fit {input_shape[1]}x{input_shape[2]} inputs; "
@@ -80,6 +93,22 @@ def fedavgcnn(input_shape: tuple[int, int, int], num_classes: int) -> SplitModel
         nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
     )
     flat = _flat_size(convs, input_shape, "fedavgcnn")
+    body = nn.Sequential(*convs, nn.Linear(flat, 512), nn.ReLU())
+    return SplitModel(body, nn.Linear(512, num_classes), channels_last=True)
+
+
+@register_model("fedavgcnn_bn")
+def fedavgcnn_bn(input_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
+    """`fedavgcnn` with a BatchNorm layer after each convolution (before its ReLU), for
+    algorithms about normalization statistics (FedBN). The running mean and variance are state
+    and travel with their layer's role (see :mod:`pflbench.core.state`). The 512-unit layer has no
+    BatchNorm1d: a client whose last mini-batch holds one sample would make it fail in training,
+    and the convolutions' BatchNorm2d normalizes over the spatial positions too, so it never does."""
+    convs = nn.Sequential(
+        nn.Conv2d(input_shape[0], 32, 5), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    )
+    flat = _flat_size(convs, input_shape, "fedavgcnn_bn")
     body = nn.Sequential(*convs, nn.Linear(flat, 512), nn.ReLU())
     return SplitModel(body, nn.Linear(512, num_classes), channels_last=True)
 
@@ -104,14 +133,45 @@ def mlp(input_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
     return SplitModel(body, nn.Linear(200, num_classes))
 
 
-def auto_model_name(input_shape: tuple[int, int, int]) -> str:
-    """fedavgcnn (the FedOBP protocol's model) where images are large enough, else mlp (digits is 8x8)."""
-    return "fedavgcnn" if min(input_shape[1:]) >= 16 else "mlp"
+@register_model("smallcnn_bn")
+def smallcnn_bn(input_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
+    """A two-convolution net with BatchNorm for small images (digits' 8x8, where fedavgcnn_bn's
+    5x5 convolutions do not fit): 3x3 convs of 32 and 64 channels (padding 1), each followed by
+    BatchNorm2d, ReLU and 2x2 max pooling, then fc 200; the head is linear. What `auto` gives an
+    algorithm that needs BatchNorm on small images."""
+    convs = nn.Sequential(
+        nn.Conv2d(input_shape[0], 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    )
+    flat = _flat_size(convs, input_shape, "smallcnn_bn")
+    body = nn.Sequential(*convs, nn.Linear(flat, 200), nn.ReLU())
+    return SplitModel(body, nn.Linear(200, num_classes), channels_last=True)
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
+BATCHNORM_VARIANTS = {"mlp": "smallcnn_bn", "fedavgcnn": "fedavgcnn_bn"}
+
+
+def batchnorm_variant(name: str) -> str:
+    """The BatchNorm model standing in for `name` where an algorithm needs one (a sweep's grid
+    model for FedBN); `auto` and models without a variant are returned unchanged."""
+    return BATCHNORM_VARIANTS.get(name, name)
+
+
+def auto_model_name(input_shape: tuple[int, int, int], needs: str | None = None) -> str:
+    """fedavgcnn (the FedOBP protocol's model) where images are large enough, else mlp (digits is
+    8x8); for an algorithm that needs BatchNorm layers (`Algorithm.model_needs = "batchnorm"`),
+    their BatchNorm versions fedavgcnn_bn and smallcnn_bn."""
+    large = min(input_shape[1:]) >= 16
+    if needs == "batchnorm":
+        return "fedavgcnn_bn" if large else "smallcnn_bn"
+    return "fedavgcnn" if large else "mlp"
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                needs: str | None = None) -> SplitModel:
+    """The model `name`; `auto` picks by the input size and what the algorithm `needs`."""
     if name == "auto":
-        name = auto_model_name(input_shape)
+        name = auto_model_name(input_shape, needs)
     if name not in MODELS:
         raise UserError(f"unknown model '{name}'; choose one of auto, {', '.join(sorted(MODELS))}")
     return MODELS[name](input_shape, num_classes)

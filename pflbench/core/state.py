@@ -1,4 +1,9 @@
-"""Model state as a plain `{parameter name: tensor}` dict, and the arithmetic on it.
+"""Model state as a plain `{tensor name: tensor}` dict, and the arithmetic on it.
+
+A state holds the model's parameters and its floating-point buffers: the running mean and
+variance of BatchNorm layers are state like the weights, so they travel (or stay on the client)
+with the role of their layer and are counted in the bytes. BatchNorm's integer
+`num_batches_tracked` is not state: with a fixed momentum (the default) it is never read.
 
 One model object is reused across clients: a client's state is copied into it before training
 and copied out after, so the engine never holds more models than an algorithm keeps.
@@ -6,7 +11,7 @@ and copied out after, so the engine never holds more models than an algorithm ke
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -14,18 +19,30 @@ from torch import nn
 State = dict[str, torch.Tensor]
 
 
+def state_tensors(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state tensors by name: its parameters, then its persistent floating-point
+    buffers (normalization statistics). Models without buffers have exactly their parameters; a
+    non-persistent buffer (a setting an algorithm writes before each use, as Floco's point on the
+    simplex) is not state."""
+    yield from model.named_parameters(prefix=prefix)
+    persistent = model.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=True)
+    for name, buf in model.named_buffers(prefix=prefix):
+        if name in persistent and buf.is_floating_point():
+            yield name, buf
+
+
 def get_state(model: nn.Module, keys: Iterable[str] | None = None) -> State:
-    """Detached copies of the model's parameters (all, or those named in `keys`)."""
+    """Detached copies of the model's state tensors (all, or those named in `keys`)."""
     wanted = None if keys is None else set(keys)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if wanted is None or n in wanted}
+    return {n: p.detach().clone() for n, p in state_tensors(model) if wanted is None or n in wanted}
 
 
 @torch.no_grad()
 def set_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy the tensors of `state` into the model's parameters of the same name."""
-    params = dict(model.named_parameters())
+    """Copy the tensors of `state` into the model's state tensors of the same name."""
+    tensors = dict(state_tensors(model))
     for name, value in state.items():
-        params[name].copy_(value)
+        tensors[name].copy_(value)
 
 
 def subset(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 from pflbench.experiments.config import SETTING_KEYS, RunConfig, check_setting_types, is_integer, is_number, \
     resolved_settings
 from pflbench.core.data import BUILTIN_DATASETS
+from pflbench.core.models import batchnorm_variant
 from pflbench.errors import UserError
 from pflbench.experiments.executors import Cell, make_executor
 from pflbench.experiments.presets import preset
@@ -39,8 +40,18 @@ class SweepPlan:
     def configs(self) -> list[RunConfig]:
         """Every cell of the grid as a RunConfig, hyperparameters resolved per algorithm."""
         per_algo = {a: hp_for(a, self.hp) for a in self.algos}
-        return [RunConfig(algo=a, dataset=d, alpha=alpha, seed=s, hp=per_algo[a], **self.settings)
+        return [RunConfig(algo=a, dataset=d, alpha=alpha, seed=s, hp=per_algo[a], **self.settings_for(a))
                 for d in self.datasets for alpha in self.alphas for a in self.algos for s in self.seeds]
+
+    def settings_for(self, algo: str) -> dict[str, Any]:
+        """The grid's settings for one algorithm: an algorithm that needs BatchNorm layers (FedBN)
+        gets the BatchNorm version of the grid's model (mlp -> smallcnn_bn, fedavgcnn ->
+        fedavgcnn_bn), recorded in its config, so `--algos all` runs it rather than failing; its
+        rows then form their own protocol, beside FedAvg run on that model if the grid asks."""
+        model = self.settings.get("model")
+        if model is None or get_algorithm(algo).model_needs != "batchnorm":
+            return self.settings
+        return {**self.settings, "model": batchnorm_variant(model)}
 
 
 def hp_for(algo: str, overrides: dict[str, str]) -> dict[str, Any]:
