@@ -100,7 +100,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import minimize
 from torch import nn
 
 from pflbench.core.algorithm import Accumulator, Algorithm, Upload
@@ -128,6 +127,8 @@ def simplex_qp(P: np.ndarray, own: int, eps: float) -> np.ndarray:
     evals, evecs = np.linalg.eigh(P)
     if evals.min() < 0:  # rounding only: P is PSD by construction
         P = (evecs * np.clip(evals, 0, None)) @ evecs.T
+    from scipy.optimize import minimize  # imported on first use: it is slow to import, and only the server needs it
+
     res = minimize(lambda a: a @ P @ a, np.full(m, 1.0 / m), jac=lambda a: 2 * P @ a, method="SLSQP",
                    bounds=[(0.0, 1.0)] * m,
                    constraints=({"type": "eq", "fun": lambda a: a.sum() - 1.0, "jac": lambda a: np.ones(m)},),
