@@ -161,7 +161,6 @@ class APPLE(Algorithm):
         self.core_bytes = nbytes(initial)
         # the N core models as the rows of one matrix: the parameters first (in the model's order),
         # then the other state tensors (normalization statistics), each flattened
-        self.param_keys: tuple[str, ...] = tuple(name for name, _ in ctx.model.named_parameters())
         self.keys: tuple[str, ...] = self.param_keys + tuple(k for k in initial if k not in self.param_keys)
         self.shapes = [initial[k].shape for k in self.keys]
         self.sizes = [initial[k].numel() for k in self.keys]

@@ -126,7 +126,6 @@ class FedAMP(Algorithm):
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
-        self.param_keys = tuple(name for name, _ in ctx.model.named_parameters())
         self.model_bytes = nbytes(get_state(ctx.model))
         self.models: dict[int, State] = {}  # client -> its latest model, as at the round's start
         self.last_round: list[int] = []  # the clients that uploaded in the previous round

@@ -178,7 +178,6 @@ class FedCAC(Algorithm):
         super().__init__(ctx, hp)
         # masks cover the model's parameters; other state (BatchNorm statistics, where the model
         # has them) is never critical and follows the global model
-        self.param_keys = tuple(name for name, _ in ctx.model.named_parameters())
         self.masks: dict[int, Mask] = {}      # per client: its critical mask (server side)
         self.values: dict[int, State] = {}    # per client: customized values at its critical positions
         self.round = 0

@@ -133,7 +133,6 @@ class FedDyn(Algorithm):
         super().__init__(ctx, hp)
         # the regularizer acts on the trained parameters (a normalization statistic, which has no
         # gradient, is averaged as FedAvg does)
-        self.param_keys = tuple(n for n, _ in ctx.model.named_parameters())
         params = dict(ctx.model.named_parameters())
         self.h: State = {k: torch.zeros_like(params[k]) for k in self.param_keys}
         self.grad_state: dict[int, State] = {}  # absent: zero (the paper's start)

@@ -161,7 +161,6 @@ class FedFomo(Algorithm):
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         n = len(ctx.clients)
-        self.param_keys = tuple(name for name, _ in ctx.model.named_parameters())
         self.model_bytes = nbytes(get_state(ctx.model))
         self.models: dict[int, State] = {}  # client -> its last uploaded model (round-start view)
         self.P = np.zeros((n, n))

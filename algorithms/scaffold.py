@@ -124,7 +124,6 @@ class Scaffold(Algorithm):
         super().__init__(ctx, hp)
         # control variates cover the trained parameters (a normalization statistic, which has no
         # gradient, is averaged as FedAvg does)
-        self.param_keys = tuple(n for n, _ in ctx.model.named_parameters())
         params = dict(ctx.model.named_parameters())
         self.c: State = {k: torch.zeros_like(params[k]) for k in self.param_keys}
         self.c_local: dict[int, State] = {}  # absent: zero (the paper's start)

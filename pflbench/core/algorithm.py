@@ -131,6 +131,8 @@ class Algorithm:
         self.hp = hp
         roles = param_roles(ctx.model)
         self.all_keys: tuple[str, ...] = tuple(roles)
+        # the trainable tensors: the state minus normalization statistics (which have no gradient)
+        self.param_keys: tuple[str, ...] = tuple(n for n, _ in ctx.model.named_parameters())
         self.body_keys: tuple[str, ...] = tuple(k for k, r in roles.items() if r == "body")
         self.head_keys: tuple[str, ...] = tuple(k for k, r in roles.items() if r == "head")
         if self.personal == "all":
