@@ -18,6 +18,7 @@ from pflbench.errors import UserError
 from pflbench.analysis.leaderboard import load_runs, long_leaderboard
 from pflbench.core.registry import load_algorithms
 from pflbench.experiments.sweep import SweepPlan, build_plan, run_sweep
+from pflbench.experiments.records import STAGING_PREFIX
 
 TINY = {"clients": 4, "rounds": 2, "local_epochs": 1, "eval_every": 1, "model": "mlp"}
 NO_DATA = Path("/nonexistent-data-root")
@@ -165,6 +166,12 @@ def sweep_command(results, reports, *extra):
             "--workers", "1", "--results", str(results), "--reports", str(reports), *extra]
 
 
+def finished_records(runs: Path) -> set[str]:
+    """Run folders holding a record: a staging folder (a writer caught mid-record, `.staging-*`)
+    may already hold its summary.json, and is not one."""
+    return {p.parent.name for p in runs.glob("*/summary.json") if not p.parent.name.startswith(STAGING_PREFIX)}
+
+
 def test_killed_sweep_restarts_to_exactly_the_uninterrupted_result(tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -173,11 +180,11 @@ def test_killed_sweep_restarts_to_exactly_the_uninterrupted_result(tmp_path):
     proc = subprocess.Popen(sweep_command(cut / "results", cut / "reports"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=os.setpgrp)  # own process group, same session (a new session runs ~3x slower on some hosts)
     deadline = time.time() + 120
-    while len(list((cut / "results" / "runs").glob("*/summary.json"))) < 3 and time.time() < deadline:
+    while len(finished_records(cut / "results" / "runs")) < 3 and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = {p.parent.name for p in (cut / "results" / "runs").glob("*/summary.json")}
+    partial = finished_records(cut / "results" / "runs")
     assert 3 <= len(partial) < 16
     restart = subprocess.run(sweep_command(cut / "results", cut / "reports"), env=env, capture_output=True, text=True)
     assert restart.returncode == 0, restart.stderr

@@ -21,6 +21,7 @@ from pflbench.core.data import Dataset
 from pflbench.core.registry import load_algorithms
 from pflbench.core.search import Choice, Fixed, Integer, NearOne, Real, override
 from pflbench.errors import UserError
+from pflbench.experiments.records import STAGING_PREFIX
 from pflbench.experiments import runner
 from pflbench.experiments.sweep import SweepPlan, build_plan
 from pflbench.experiments.tuning import run_tuning, study_specs, study_spaces, tuned_configs
@@ -201,7 +202,8 @@ def test_killed_tuning_resumes_to_the_same_choices(tmp_path):
     # wait for two finished trials (their records), then kill during the next one; polling the
     # study database instead would race with the writer's locks and can take minutes to see a trial
     deadline = time.time() + 120
-    while len(list((cut / "tuning" / "runs").glob("*/summary.json"))) < 2 and time.time() < deadline:
+    while sum(not p.parent.name.startswith(STAGING_PREFIX)
+              for p in (cut / "tuning" / "runs").glob("*/summary.json")) < 2 and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)
