@@ -7,6 +7,7 @@ matching substrings of parameter names.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -146,6 +147,94 @@ def smallcnn_bn(input_shape: tuple[int, int, int], num_classes: int) -> SplitMod
     flat = _flat_size(convs, input_shape, "smallcnn_bn")
     body = nn.Sequential(*convs, nn.Linear(flat, 200), nn.ReLU())
     return SplitModel(body, nn.Linear(200, num_classes), channels_last=True)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 2 groups, the `norm_layer` of the ResNets below (every ResNet-18 width,
+    64 to 512 channels, is even)."""
+    return nn.GroupNorm(2, channels)
+
+
+def _resnet18_split(input_shape: tuple[int, int, int], num_classes: int, cifar_stem: bool) -> SplitModel:
+    """torchvision's ResNet-18 with GroupNorm, its stem taking `input_shape[0]` channels, split
+    into `body` (stem, the four stages, global average pooling and flatten: 512 features) and
+    `head` (torchvision's own final `Linear(512, num_classes)`). The body keeps torchvision's
+    module names (`conv1`, `bn1`, `layer1.0.bn1`, ...: the GroupNorm layers sit where BatchNorm
+    did), so a torchvision state-dict key names the same tensor under `body.`."""
+    from torchvision.models import resnet18 as torchvision_resnet18  # lazy: importing torchvision is slow
+
+    net = torchvision_resnet18(weights=None, num_classes=num_classes, norm_layer=_group_norm)
+    channels = input_shape[0]
+    if cifar_stem or channels != 3:
+        # a new stem conv: the CIFAR stem (He et al. 2016, section 4.2; kuangliu's pytorch-cifar),
+        # a 3x3 stride-1 conv without the max pooling, keeps 32x32 inputs at 32x32 into layer1,
+        # where the ImageNet stem would shrink them to 8x8; or the ImageNet stem's 7x7 stride-2
+        # conv for a channel count other than torchvision's 3
+        size, stride = (3, 1) if cifar_stem else (7, 2)
+        net.conv1 = nn.Conv2d(channels, 64, size, stride=stride, padding=size // 2, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    stem = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu)]
+    if not cifar_stem:
+        stem.append(("maxpool", net.maxpool))
+    body = nn.Sequential(OrderedDict([
+        *stem, ("layer1", net.layer1), ("layer2", net.layer2), ("layer3", net.layer3),
+        ("layer4", net.layer4), ("avgpool", net.avgpool), ("flatten", nn.Flatten()),
+    ]))
+    return SplitModel(body, net.fc, channels_last=True)
+
+
+@register_model("resnet18")
+def resnet18(input_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
+    """ResNet-18 (He et al. 2016) with GroupNorm in place of BatchNorm and the CIFAR stem (a 3x3
+    stride-1 conv, no max pooling), for 32x32 images and down to 8x8 (digits), with any number of
+    channels; randomly initialized. Federated ResNets use GroupNorm because BatchNorm's batch
+    statistics differ between non-IID clients and do not average into a working model (Hsieh et
+    al., ICML 2020, "The Non-IID Data Quagmire"); GroupNorm normalizes each sample on its own and
+    has no running statistics, so its state is its parameters. 2 groups in every layer, the
+    setting Hsieh et al. use and Reddi et al. (ICLR 2021, Adaptive Federated Optimization)
+    adopted from them for their federated ResNet-18 on CIFAR-10 (FL-bench's ResNets are
+    torchvision's, with BatchNorm). No BatchNorm variant (`batchnorm_variant` returns the name
+    unchanged): FedBN, which needs BatchNorm layers, refuses it with a one-line error, as it does
+    lenet5. Not an `auto` choice."""
+    return _resnet18_split(input_shape, num_classes, cifar_stem=True)
+
+
+def _imagenet_resnet18_state() -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet ResNet-18 weights (IMAGENET1K_V1), from torch's cache or downloaded
+    into it; a one-line UserError where neither works (no network)."""
+    from torchvision.models import ResNet18_Weights
+
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except (OSError, RuntimeError, ValueError) as error:  # URLError and HTTPError are OSErrors
+        raise UserError(
+            "resnet18_pretrained needs torchvision's ImageNet weights, which could not be downloaded "
+            f"({type(error).__name__}); connect once so torch caches them in {torch.hub.get_dir()}, "
+            "or use --model resnet18") from None
+
+
+@register_model("resnet18_pretrained")
+def resnet18_pretrained(input_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
+    """`resnet18`'s network with the ImageNet stem (7x7 stride-2 conv and max pooling, the one
+    the weights were trained with), its body initialized from torchvision's ImageNet ResNet-18
+    (IMAGENET1K_V1): the convolutions' weights load as they are, and each BatchNorm layer's
+    affine weight and bias become the weight and bias of the GroupNorm in its place (same shape);
+    BatchNorm's running mean and variance have no GroupNorm counterpart and are dropped, so the
+    loaded body does not compute the ImageNet network's features exactly: it is a starting point
+    for training, not a frozen feature extractor. The head is fresh (`num_classes`
+    outputs; ImageNet's 1000-class fc is not used). For inputs without 3 channels the stem's RGB
+    filters are summed over the colour axis and spread evenly over the input's channels (for 1
+    channel: the sum, which responds to a grey image as the RGB filters did). Needs the weights
+    in torch's cache or a network connection (else a UserError); no other model does."""
+    model = _resnet18_split(input_shape, num_classes, cifar_stem=False)
+    state = _imagenet_resnet18_state()
+    with torch.no_grad():
+        for name, param in model.body.named_parameters():
+            value = state[name]
+            if name == "conv1.weight" and value.shape != param.shape:
+                value = value.sum(dim=1, keepdim=True).div(param.shape[1]).expand_as(param)
+            param.copy_(value)
+    return model
 
 
 BATCHNORM_VARIANTS = {"mlp": "smallcnn_bn", "fedavgcnn": "fedavgcnn_bn"}
