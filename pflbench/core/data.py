@@ -5,6 +5,10 @@ A dataset lives at ``<data root>/<name>.npz`` with arrays ``x_train, y_train, x_
 downloaded into the root and converted once, so every later load is a single read. ``digits``
 (scikit-learn's bundled 8x8 digits) needs no file and no network. Any other `.npz` in the same
 format is a custom dataset under its file name.
+
+A file may also carry ``client_train`` and ``client_test``: an integer client id per sample of
+``x_train`` and ``x_test`` (a writer, a speaker, a device), which `--partition natural` uses
+(:mod:`pflbench.core.natural`); other partitions ignore them.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import numpy as np
 import torch
 
 from pflbench.atomic import save_npz
+from pflbench.core.natural import NaturalClients
 from pflbench.errors import UserError
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+CLIENT_ARRAYS = ("client_train", "client_test")
 DATA_ROOT_ENV = "PFLBENCH_DATA"
 
 
@@ -34,6 +40,7 @@ class Dataset:
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
+    natural: NaturalClients | None = None  # the file's own client ids, where it carries them
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -126,6 +133,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
                 raise UserError(f"{path} lacks array(s) {', '.join(missing)}; a dataset .npz needs "
                                 f"{', '.join(ARRAYS)}")
             arrays = {k: f[k] for k in ARRAYS}
+            arrays.update({k: f[k] for k in CLIENT_ARRAYS if k in f.files})
     except UserError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
@@ -136,10 +144,27 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
             raise UserError(f"{path}: x_{split} must be NHWC with one label per image "
                             f"(shapes {x.shape} and {y.shape})")
+    _check_client_arrays(path, arrays)
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise UserError(f"{path}: x_train and x_test images differ in shape "
                         f"({arrays['x_train'].shape[1:]} and {arrays['x_test'].shape[1:]})")
     return arrays
+
+
+def _check_client_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Client ids, where present, come as a pair with one integer per sample of their split."""
+    present = [k for k in CLIENT_ARRAYS if k in arrays]
+    if not present:
+        return
+    if len(present) == 1:
+        missing = next(k for k in CLIENT_ARRAYS if k not in arrays)
+        raise UserError(f"{path} has {present[0]} but not {missing}; a natural partition needs a client id "
+                        "for every sample of both splits")
+    for split in ("train", "test"):
+        ids, y = arrays[f"client_{split}"], arrays[f"y_{split}"]
+        if ids.shape != y.shape or not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"{path}: client_{split} must hold one integer client id per sample of "
+                            f"x_{split} (shape {ids.shape}, dtype {ids.dtype}; expected {y.shape}, integers)")
 
 
 def load_arrays(name: str, root: Path) -> dict[str, np.ndarray]:
@@ -187,5 +212,9 @@ def load_dataset(name: str, root: Path, device: torch.device | str = "cpu") -> D
     if labels.min() < 0:
         raise UserError(f"dataset '{name}' has negative labels; labels must be 0..C-1")
     x, _, _ = normalize(images)
+    natural = None
+    if "client_train" in arrays:
+        ids = np.concatenate([arrays["client_train"], arrays["client_test"]]).astype(np.int64)
+        natural = NaturalClients(ids=ids, is_test=np.arange(len(ids)) >= len(arrays["client_train"]))
     return Dataset(name=name, x=x.to(device), y=torch.from_numpy(labels).to(device),
-                   num_classes=int(labels.max()) + 1)
+                   num_classes=int(labels.max()) + 1, natural=natural)

@@ -1,13 +1,17 @@
 """Split a labelled pool across clients, then each client's share into local train and test.
 
 A partition is a pure function of (labels, scheme, its parameters, seed): it draws only from a
-seeded numpy Generator, so the same inputs give the same indices on any machine. The Dirichlet
-scheme retries a bounded number of times and then fails with advice instead of looping forever
-(as Flower Datasets' DirichletPartitioner does).
+seeded numpy Generator, so the same inputs give the same indices on any machine. The schemes are in
+:mod:`pflbench.core.schemes` (label skew, quantity skew) and :mod:`pflbench.core.natural` (clients
+given by the dataset).
 
 A validation set (`val_ratio` > 0) is carved out of each client's training share with a stream of
 its own, after the train/test split: the test sets are then the same whatever the validation
 ratio, so a model tuned on validation data is reported on exactly the test data of an untuned run.
+
+Holdout clients (`holdout` > 0) are a seeded share of the clients that never train (they are never
+sampled) and are scored as newcomers; which clients they are is part of the partition's key, drawn
+from a stream of its own so the splits themselves do not change.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ from pathlib import Path
 import numpy as np
 
 from pflbench.atomic import save_npz
+from pflbench.core.natural import NaturalClients, natural_clients
+from pflbench.core.schemes import SCHEMES, SIZE_DISTRIBUTIONS
 from pflbench.errors import UserError
 
-MAX_DIRICHLET_TRIES = 100
+LATER_FIELDS = {"sigma": 1.0, "size_dist": "lognormal", "holdout": 0.0, "natural_pick": "largest"}
 
 
 @dataclass(frozen=True)
 class PartitionSpec:
+    """Everything that determines a partition (with the labels, and the client ids of a natural
+    one). Fields added after partitions were cached are left out of the cache key at their
+    defaults (`LATER_FIELDS`), so adding one never invalidates the cache."""
+
     scheme: str
     num_clients: int
     seed: int
@@ -35,6 +45,10 @@ class PartitionSpec:
     min_samples: int = 10
     test_ratio: float = 0.25
     val_ratio: float = 0.0
+    sigma: float = 1.0
+    size_dist: str = "lognormal"
+    holdout: float = 0.0
+    natural_pick: str = "largest"
 
 
 def _no_indices() -> np.ndarray:
@@ -56,67 +70,27 @@ def _validate(labels: np.ndarray, spec: PartitionSpec) -> None:
     if spec.num_clients * 2 > len(labels):
         raise UserError(f"{spec.num_clients} clients but only {len(labels)} samples: each client needs "
                         "at least 2 (one to train, one to test); use fewer clients")
-    if spec.scheme == "dirichlet" and spec.num_clients * spec.min_samples > len(labels):
+    if spec.scheme in ("dirichlet", "exdir", "quantity") and spec.num_clients * spec.min_samples > len(labels):
         raise UserError(f"{spec.num_clients} clients x --min-samples {spec.min_samples} exceeds the "
                         f"{len(labels)} samples; use fewer clients or a smaller --min-samples")
     if not 0 <= spec.val_ratio < 1:
         raise UserError(f"--val-ratio must be in [0, 1) (got {spec.val_ratio}); 0.1 holds out a tenth "
                         "of each client's training share")
-    if spec.scheme == "dirichlet" and spec.alpha <= 0:
+    if spec.scheme in ("dirichlet", "exdir") and spec.alpha <= 0:
         raise UserError(f"--alpha must be > 0 (got {spec.alpha})")
-
-
-def dirichlet(labels: np.ndarray, spec: PartitionSpec, rng: np.random.Generator) -> list[np.ndarray]:
-    """Per class, Dirichlet(alpha) proportions over clients; retried until every client has
-    at least `min_samples` samples.
-
-    As in FedML and FL-bench (whose split the FedOBP authors used), a client that already holds
-    its fair share (pool size / clients) gets nothing of the classes dealt after that, which
-    keeps the very small and very large clients of a raw Dirichlet draw in check.
-    """
-    classes = np.unique(labels)
-    by_class = [np.flatnonzero(labels == c) for c in classes]
-    fair_share = len(labels) / spec.num_clients
-    smallest = 0
-    for _ in range(MAX_DIRICHLET_TRIES):
-        shares: list[list[np.ndarray]] = [[] for _ in range(spec.num_clients)]
-        sizes = np.zeros(spec.num_clients, dtype=np.int64)
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            proportions = rng.dirichlet(np.full(spec.num_clients, spec.alpha))
-            open_clients = proportions * (sizes < fair_share)
-            if open_clients.sum() > 0:
-                proportions = open_clients / open_clients.sum()
-            cuts = (np.cumsum(proportions)[:-1] * len(idx)).astype(np.int64)
-            for client, part in enumerate(np.split(idx, cuts)):
-                shares[client].append(part)
-                sizes[client] += len(part)
-        smallest = int(sizes.min())
-        if smallest >= spec.min_samples:
-            return [np.sort(np.concatenate(parts)) for parts in shares]
-    raise UserError(f"Dirichlet(alpha={spec.alpha}) over {spec.num_clients} clients left a client with "
-                    f"{smallest} < --min-samples {spec.min_samples} samples after {MAX_DIRICHLET_TRIES} "
-                    "tries; use a larger --alpha, fewer --clients or a smaller --min-samples")
-
-
-def shards(labels: np.ndarray, spec: PartitionSpec, rng: np.random.Generator) -> list[np.ndarray]:
-    """McMahan et al.'s pathological split: sort by label, cut into equal shards, deal
-    `classes_per_client` shards to each client."""
-    num_shards = spec.num_clients * spec.classes_per_client
-    if num_shards > len(labels):
-        raise UserError(f"{spec.num_clients} clients x {spec.classes_per_client} classes per client "
-                        f"needs {num_shards} shards but there are only {len(labels)} samples")
-    order = np.lexsort((rng.permutation(len(labels)), labels))
-    pieces = np.array_split(order, num_shards)
-    dealt = rng.permutation(num_shards).reshape(spec.num_clients, spec.classes_per_client)
-    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in dealt]
-
-
-def iid(labels: np.ndarray, spec: PartitionSpec, rng: np.random.Generator) -> list[np.ndarray]:
-    return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), spec.num_clients)]
-
-
-SCHEMES = {"dirichlet": dirichlet, "shards": shards, "iid": iid}
+    num_classes = len(np.unique(labels))
+    if spec.scheme == "exdir" and spec.classes_per_client > num_classes:
+        raise UserError(f"--classes-per-client {spec.classes_per_client} exceeds the {num_classes} classes; "
+                        f"pass at most {num_classes} with --partition exdir")
+    if spec.scheme == "quantity" and spec.size_dist not in SIZE_DISTRIBUTIONS:
+        raise UserError(f"unknown --size-dist '{spec.size_dist}'; choose one of {', '.join(SIZE_DISTRIBUTIONS)}")
+    if spec.scheme == "quantity" and not spec.sigma > 0:
+        raise UserError(f"--sigma must be > 0 (got {spec.sigma}); 1.0 is a moderate quantity skew")
+    if not 0 <= spec.holdout < 1:
+        raise UserError(f"--holdout-clients must be in [0, 1) (got {spec.holdout}); 0.2 holds out a fifth "
+                        "of the clients")
+    if spec.holdout > 0 and spec.num_clients < 2:
+        raise UserError("--holdout-clients needs at least 2 clients (one to train, one held out)")
 
 
 def split_train_test(indices: np.ndarray, test_ratio: float, rng: np.random.Generator) -> ClientSplit:
@@ -138,35 +112,65 @@ def carve_validation(split: ClientSplit, val_ratio: float, rng: np.random.Genera
     return ClientSplit(train=np.sort(shuffled[n_val:]), test=split.test, val=np.sort(shuffled[:n_val]))
 
 
-def partition(labels: np.ndarray, spec: PartitionSpec) -> list[ClientSplit]:
-    """Client train/test index arrays into the pool. Pure in (labels, spec)."""
+def partition(labels: np.ndarray, spec: PartitionSpec, natural: NaturalClients | None = None
+              ) -> list[ClientSplit]:
+    """Client train/test index arrays into the pool. Pure in (labels, spec, natural)."""
     labels = np.asarray(labels)
-    if spec.scheme not in SCHEMES:
-        raise UserError(f"unknown partition '{spec.scheme}'; choose one of {', '.join(SCHEMES)}")
+    if spec.scheme != "natural" and spec.scheme not in SCHEMES:
+        raise UserError(f"unknown partition '{spec.scheme}'; choose one of {', '.join([*SCHEMES, 'natural'])}")
     _validate(labels, spec)
     rng = np.random.default_rng(spec.seed)
-    clients = SCHEMES[spec.scheme](labels, spec, rng)
-    if any(len(c) < 2 for c in clients):
-        raise UserError(f"the {spec.scheme} partition left a client with fewer than 2 samples; "
-                        "use fewer clients")
-    splits = [split_train_test(c, spec.test_ratio, rng) for c in clients]
+    if spec.scheme == "natural":
+        if natural is None:
+            raise UserError("--partition natural needs a dataset .npz with client_train and client_test "
+                            "arrays (a client id per sample); see the README's natural partitions")
+        splits = [ClientSplit(train=tr, test=te)
+                  for tr, te in natural_clients(natural, spec.num_clients, spec.natural_pick, rng)]
+    else:
+        clients = SCHEMES[spec.scheme](labels, spec, rng)
+        if any(len(c) < 2 for c in clients):
+            raise UserError(f"the {spec.scheme} partition left a client with fewer than 2 samples; "
+                            "use fewer clients")
+        splits = [split_train_test(c, spec.test_ratio, rng) for c in clients]
     if spec.val_ratio > 0:
         val_rng = np.random.default_rng([spec.seed, 0x7A1])  # its own stream: test sets stay put
         splits = [carve_validation(s, spec.val_ratio, val_rng) for s in splits]
     return splits
 
 
-def cache_key(labels: np.ndarray, spec: PartitionSpec) -> str:
+def holdout_count(fraction: float, num_clients: int) -> int:
+    """round(fraction x clients), at least one when the fraction is positive, never all."""
+    if fraction <= 0:
+        return 0
+    return min(max(int(round(fraction * num_clients)), 1), num_clients - 1)
+
+
+def holdout_clients(fraction: float, num_clients: int, seed: int) -> tuple[int, ...]:
+    """The clients that never train (`holdout_count` of them), drawn from a stream of their own,
+    so the same key holds out the same clients and the splits do not change."""
+    count = holdout_count(fraction, num_clients)
+    if not count:
+        return ()
+    rng = np.random.default_rng([seed, 0x401D])
+    return tuple(sorted(int(c) for c in rng.choice(num_clients, count, replace=False)))
+
+
+def cache_key(labels: np.ndarray, spec: PartitionSpec, natural: NaturalClients | None = None) -> str:
     labels_digest = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
-    payload = json.dumps({"labels": labels_digest, **asdict(spec)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    fields = {k: v for k, v in asdict(spec).items() if LATER_FIELDS.get(k, object()) != v}
+    payload = {"labels": labels_digest, **fields}
+    if spec.scheme == "natural" and natural is not None:
+        ids = np.ascontiguousarray(natural.ids, dtype=np.int64).tobytes()
+        payload["natural"] = hashlib.sha256(ids + np.packbits(natural.is_test).tobytes()).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cached_partition(labels: np.ndarray, spec: PartitionSpec, cache_dir: Path | None) -> list[ClientSplit]:
+def cached_partition(labels: np.ndarray, spec: PartitionSpec, cache_dir: Path | None,
+                     natural: NaturalClients | None = None) -> list[ClientSplit]:
     """`partition`, memoized on disk by a key of the labels' content and the spec."""
     if cache_dir is None:
-        return partition(labels, spec)
-    path = cache_dir / f"{cache_key(labels, spec)}.npz"
+        return partition(labels, spec, natural)
+    path = cache_dir / f"{cache_key(labels, spec, natural)}.npz"
     if path.exists():
         try:
             with np.load(path) as f:
@@ -174,7 +178,7 @@ def cached_partition(labels: np.ndarray, spec: PartitionSpec, cache_dir: Path | 
                         for i in range(spec.num_clients)]
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed and overwritten
-    splits = partition(labels, spec)
+    splits = partition(labels, spec, natural)
     try:
         save_npz(path, {f"{side}_{i}": getattr(s, side) for i, s in enumerate(splits) for side in ("train", "test", "val")})
     except OSError:
