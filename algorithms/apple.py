@@ -45,7 +45,11 @@ so early rounds pull p_i towards the FedAvg weights (the global objective) and l
 it free (the local objective). mu = 0 turns the regularizer off.
 
 Evaluation: client i is tested with w_i = sum_j p_ij theta_j over the current core models (read
-only: nothing is trained or kept). A client that never trained keeps its initial p_i. Like the
+only: nothing is trained or kept). A client that has not trained yet keeps its initial p_i.
+Holdout clients (`--holdout-clients`) are outside the federation: their cores get weight 0 in
+every p_i and are never downloaded, and as newcomers they are tested with p0's combination of the
+members' cores (the combination every member starts from: APPLE defines no rule for new clients).
+N counts the members, in p0 and in the learning-rate scaling. Like the
 other algorithms' evaluation with the current global model, fetching the cores for evaluation is
 not counted as traffic.
 
@@ -113,7 +117,7 @@ from torch.func import functional_call
 from pflbench.core.algorithm import Accumulator, Algorithm, Upload
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
-from pflbench.core.state import RunningMean, State, get_state, nbytes
+from pflbench.core.state import RunningMean, State, get_state, nbytes, set_state
 from pflbench.core.training import TrainStats
 
 SCHEDULES = ("cos", "exp", "linear")
@@ -166,9 +170,13 @@ class APPLE(Algorithm):
         self.sizes = [initial[k].numel() for k in self.keys]
         self.n_params = sum(initial[k].numel() for k in self.param_keys)
         self.cores = self.flatten(initial).unsqueeze(0).repeat(n, 1)
-        counts = torch.tensor([c.n_train for c in ctx.clients], dtype=torch.float64)
+        # the federation is the clients that train: a holdout client's core (never trained) gets
+        # weight 0 in every p_i, and the mask below keeps it out of every combination
+        self.members = torch.zeros(n, device=ctx.device)
+        self.members[list(ctx.participants)] = 1.0
+        counts = torch.tensor([c.n_train for c in ctx.clients], dtype=torch.float64) * self.members.double().cpu()
         self.p0 = (counts / counts.sum()).to(torch.float32).to(ctx.device)
-        start = self.p0 if hp.init == "samples" else torch.full((n,), 1.0 / n, device=ctx.device)
+        start = self.p0 if hp.init == "samples" else self.members / self.members.sum()
         self.p = start.unsqueeze(0).repeat(n, 1)  # row i: client i's DR vector p_i
 
     def flatten(self, state: State) -> torch.Tensor:
@@ -200,7 +208,8 @@ class APPLE(Algorithm):
         return ()  # the core models are counted in `client_start`: there is no global model
 
     def models_downloaded(self) -> int:
-        return self.num_clients if self.hp.download == "all" else self.num_clients - 1
+        members = len(self.ctx.participants)
+        return members if self.hp.download == "all" else members - 1
 
     def client_start(self, cid: int, global_state: State) -> State:
         """Send the round-start core models (counted) and start from the client's own."""
@@ -210,7 +219,7 @@ class APPLE(Algorithm):
     # -- local training --------------------------------------------------------------------------
     def others_sum(self, cid: int, p: torch.Tensor) -> torch.Tensor:
         """sum_{j != i} p_ij theta_j over the parameters, flat (differentiable in p)."""
-        mask = torch.ones_like(p)
+        mask = self.members.clone()
         mask[cid] = 0.0
         with torch.autocast(self.ctx.device.type, enabled=False):
             return (p * mask) @ self.cores[:, :self.n_params]
@@ -250,7 +259,7 @@ class APPLE(Algorithm):
         trainer = self.ctx.trainer
         learn_p = self.hp.dr_lr > 0
         p = self.p[cid].clone().requires_grad_(learn_p)
-        lr = trainer.lr * (self.num_clients if self.hp.scale_lr else 1)
+        lr = trainer.lr * (len(self.ctx.participants) if self.hp.scale_lr else 1)
         groups = [{"params": list(model.parameters()), "lr": lr}]
         if learn_p:
             groups.append({"params": [p], "lr": self.hp.dr_lr, "weight_decay": 0.0})
@@ -282,6 +291,13 @@ class APPLE(Algorithm):
         """sum_j p_ij theta_j over every state tensor of the current core models (read only)."""
         with torch.autocast(self.ctx.device.type, enabled=False):
             return self.unflatten(self.p[cid] @ self.cores)
+
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """A client that never trained has no core model and no p_i of its own: it gets the
+        combination every p_i starts from, p0 (sample-weighted over the members), of the cores."""
+        with torch.no_grad(), torch.autocast(self.ctx.device.type, enabled=False):
+            set_state(self.ctx.model, self.unflatten(self.p0 @ self.cores))
+        return self.ctx.model
 
     def summary(self) -> dict[str, float]:
         """The mean self-weight p_ii and the mean off-diagonal weight, over all clients."""

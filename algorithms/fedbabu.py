@@ -45,6 +45,11 @@ class FedBABU(Algorithm):
     def upload(self, cid: int, trained: State) -> State:
         return {k: trained[k] for k in self.body_keys}
 
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """A newcomer does what every client does at test time, which needs no history: it
+        fine-tunes the global model's head on its own data (the paper's personalization)."""
+        return self.eval_model(cid, global_state)
+
     def eval_state(self, cid: int, global_state: State) -> State:
         model = self.ctx.model
         set_state(model, global_state)

@@ -199,7 +199,7 @@ class FedDyn(Algorithm):
     @torch.no_grad()
     def finish_aggregation(self, acc: Accumulator, global_state: State) -> State:
         """h <- h - alpha/N sum (theta_k - theta^{t-1}); theta^t = mean theta_k - h / alpha."""
-        alpha, n_clients = self.hp.alpha, len(self.ctx.clients)
+        alpha, n_clients = self.hp.alpha, len(self.ctx.participants)
         for name, total in acc.extra["drift"].items():
             self.h[name] = self.h[name] - total * (alpha / n_clients)
         mean = acc.mean.result()

@@ -128,6 +128,12 @@ class FedRoD(Algorithm):
         self.personal_heads[cid] = {k: v.detach().clone() for k, v in phead.named_parameters()}
         return stats
 
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """A newcomer has no personalized head of its own: the global body and generic head with
+        the initial P-head (zero by default, so the generic predictor alone, the paper's
+        G-FedRoD for clients it has not seen)."""
+        return self.eval_model(cid, global_state)
+
     def eval_model(self, cid: int, global_state: State) -> nn.Module:
         set_state(self.ctx.model, global_state)
         self.load_personal_head(cid)

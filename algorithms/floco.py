@@ -35,6 +35,12 @@ Evaluation: every client is tested at its center W(c) (Floco; before the assignm
 simplex's barycenter). Floco+ (local fine-tuning of a personal copy) is not implemented; the
 engine's `--finetune-epochs` fine-tunes the model at the center before testing.
 
+Holdout clients (`--holdout-clients`) never train and take no part in the assignment (the PCA is
+fitted on the members' signals). As newcomers they are placed from their local data: each computes
+its signal from the current global model (one local schedule on the whole simplex, counted as
+test-time compute) and the assignment's fitted map (the members' mean and principal axes, the
+chosen scale z) projects it onto the simplex, as the paper places a client from its signal.
+
 Communication: down, the body, the M endpoints and the bias; up, the same. The assignment's extra
 traffic (for each client not sampled in round `tau`: one download of the model and one upload of
 its endpoints) is added to the run's byte totals through `Context.count_traffic`; since it runs
@@ -233,30 +239,60 @@ def riesz_log_energy(points: torch.Tensor) -> torch.Tensor:
     return torch.log((1.0 / pairs.square()).sum(-1)) - math.log(pairs.shape[-1])
 
 
+@dataclass
+class Placement:
+    """The map the assignment fitted, kept to place a newcomer the way the clients were placed:
+    its signal, centered by the clients' mean, projected on their principal axes (signs as fixed
+    for the clients' scores), scaled by 1/z and projected onto the simplex."""
+
+    mean: torch.Tensor  # (D,) the clients' mean signal
+    axes: torch.Tensor  # (D, r) unit principal directions
+    m: int
+    z: float
+
+    def __call__(self, signal: torch.Tensor) -> torch.Tensor:
+        kappa = torch.zeros(self.m, dtype=torch.float64)
+        kappa[:self.axes.shape[1]] = (signal.to(torch.float64) - self.mean) @ self.axes
+        beta = project_simplex(kappa / self.z)
+        return beta / beta.sum()
+
+
 def assign_centers(signals: torch.Tensor, m: int) -> torch.Tensor:
     """PCA of the clients' signals to m dimensions, then the Riesz-energy-optimal simplex projection."""
+    return fit_centers(signals, m)[0]
+
+
+def fit_centers(signals: torch.Tensor, m: int) -> tuple[torch.Tensor, Placement]:
+    """`assign_centers`, and the fitted map (:class:`Placement`) that places a new signal."""
     x = signals.to(torch.float64)
-    x = x - x.mean(0, keepdim=True)
+    mean = x.mean(0)
+    x = x - mean
     eigval, eigvec = torch.linalg.eigh(x @ x.T)  # PCA scores from the clients' Gram matrix
     r = min(m, x.shape[0])
     scores = eigvec.flip(1)[:, :r] * eigval.flip(0)[:r].clamp_min(0).sqrt()
     pick = scores.abs().argmax(0)
     sign = torch.sign(scores[pick, torch.arange(r)])
-    scores = scores * torch.where(sign == 0, torch.ones_like(sign), sign)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    scores = scores * sign
+    # the scores are x @ axes with axes = x^T u_k / sqrt(lambda_k) (0 for a null direction)
+    root = eigval.flip(0)[:r].clamp_min(0).sqrt()
+    axes = (x.T @ eigvec.flip(1)[:, :r]) / torch.where(root > 0, root, torch.inf) * sign
     kappa = torch.zeros(x.shape[0], m, dtype=torch.float64)
     kappa[:, :r] = scores
     if x.shape[0] < 2:
-        return project_simplex(kappa)
+        return project_simplex(kappa), Placement(mean, axes, m, 1.0)
     zs = torch.linspace(1e-4, 1.0, 1000, dtype=torch.float64)
-    best, best_energy = None, math.inf
+    best, best_energy, best_z = None, math.inf, 1.0
     for chunk in zs.split(100):
         betas = project_simplex(kappa[None] / chunk[:, None, None])
         betas = betas / betas.sum(-1, keepdim=True)
         energy = riesz_log_energy(betas)
         for i, e in enumerate(energy.tolist()):
             if math.isfinite(e) and e < best_energy:
-                best, best_energy = betas[i], e
-    return best if best is not None else project_simplex(kappa)
+                best, best_energy, best_z = betas[i], e, float(chunk[i])
+    if best is None:
+        return project_simplex(kappa), Placement(mean, axes, m, 1.0)
+    return best, Placement(mean, axes, m, best_z)
 
 
 @register_algorithm("floco")
@@ -289,6 +325,7 @@ class Floco(Algorithm):
         super().__init__(ctx, hp)
         self.tau = hp.tau if hp.tau > 0 else max(1, ctx.config.rounds // 2)
         self.centers: torch.Tensor | None = None  # (clients, M) float64, once assigned
+        self.placement: Placement | None = None  # the assignment's fitted map, for newcomers
         self.round = 0
 
     # -- alphas ----------------------------------------------------------------------------------
@@ -298,13 +335,14 @@ class Floco(Algorithm):
             return torch.full((m,), 1.0 / m, dtype=torch.float64)
         return self.centers[cid]
 
-    def alphas(self, cid: int, round_: int, n: int) -> torch.Tensor:
-        """The n points client `cid` trains at in round `round_` (float64, CPU)."""
+    def alphas(self, cid: int, round_: int, n: int, whole: bool = False) -> torch.Tensor:
+        """The n points client `cid` trains at in round `round_` (float64, CPU): on the whole
+        simplex before the assignment (or when `whole`), else in its subregion."""
         m = self.hp.endpoints
         if m == 1:
             return torch.ones(n, 1, dtype=torch.float64)
         gen = torch.Generator().manual_seed(stream_seed(self.ctx.config.seed, round_, cid, "floco-alpha"))
-        if self.centers is None:
+        if self.centers is None or whole:
             return sample_simplex(n, m, gen)
         return sample_subregion(self.centers[cid], self.hp.rho, n, gen)
 
@@ -312,10 +350,10 @@ class Floco(Algorithm):
     def begin_round(self, round_: int, sampled: list[int]) -> None:
         self.round = round_
 
-    def local_train(self, cid: int, model: nn.Module, round_: int) -> TrainStats:
+    def local_train(self, cid: int, model: nn.Module, round_: int, whole: bool = False) -> TrainStats:
         trainer, epochs = self.ctx.trainer, self.ctx.config.local_epochs
         steps = epochs * math.ceil(self.ctx.clients[cid].n_train / trainer.batch_size)
-        alphas = iter(self.alphas(cid, round_, steps).to(self.ctx.device, torch.float32).unbind(0))
+        alphas = iter(self.alphas(cid, round_, steps, whole).to(self.ctx.device, torch.float32).unbind(0))
         alpha = model.head.alpha
 
         def loss_fn(net, x, y):
@@ -348,23 +386,51 @@ class Floco(Algorithm):
         """Complete the round's endpoint pseudo-gradients (a client not sampled trains once from the
         global model for its own) and project every client onto its subregion center."""
         start = global_state[ENDPOINTS]
-        model = self.ctx.model
-        for cid in range(len(self.ctx.clients)):
+        for cid in self.ctx.participants:
             if cid in signals:
                 continue
-            set_state(model, global_state)
-            self.local_train(cid, model, self.round)
-            signals[cid] = (start - model.head.endpoints.detach()).flatten()
+            signals[cid] = self.signal(cid, global_state, self.round)
             self.ctx.count_traffic(down=nbytes(global_state), up=nbytes({ENDPOINTS: start}))
-        stacked = torch.stack([signals[c] for c in range(len(self.ctx.clients))]).cpu()
-        centers = assign_centers(stacked, self.hp.endpoints)
+        members = self.ctx.participants
+        stacked = torch.stack([signals[c] for c in members]).cpu()
+        centers, self.placement = fit_centers(stacked, self.hp.endpoints)
         gen = torch.Generator().manual_seed(stream_seed(self.ctx.config.seed, "floco-snap"))
-        self.centers = torch.stack([snap_center(c, self.hp.rho, gen) for c in centers])
+        snapped = [snap_center(c, self.hp.rho, gen) for c in centers]
+        # rows by client id; a holdout client's row (never used: it is placed as a newcomer) is the barycenter
+        m = self.hp.endpoints
+        self.centers = torch.full((len(self.ctx.clients), m), 1.0 / m, dtype=torch.float64)
+        for cid, c in zip(members, snapped):
+            self.centers[cid] = c
+
+    def signal(self, cid: int, global_state: State, round_: int) -> torch.Tensor:
+        """Client `cid`'s gradient signal: global endpoints minus its endpoints after one local
+        schedule from the global model, on the whole simplex (the assignment round's training)."""
+        model = self.ctx.model
+        set_state(model, global_state)
+        self.local_train(cid, model, round_, whole=True)
+        return (global_state[ENDPOINTS] - model.head.endpoints.detach()).flatten()
 
     def eval_model(self, cid: int, global_state: State) -> nn.Module:
         model = self.ctx.model
         set_state(model, global_state)
         model.head.alpha.copy_(self.center(cid).to(model.head.alpha.dtype))
+        return model
+
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """A newcomer is placed from its local data (the paper's rule for clients that join after
+        the assignment): it computes its gradient signal from the current global model, one local
+        schedule on the whole simplex (test-time work, counted in `eval_grad_evals`), which the
+        assignment's fitted map (PCA axes, scale z) places on the simplex; it is tested there.
+        Before the assignment it is tested at the barycenter, like every client."""
+        m = self.hp.endpoints
+        center = torch.full((m,), 1.0 / m, dtype=torch.float64)
+        if self.centers is not None:
+            placed = self.placement(self.signal(cid, global_state, self.round).cpu())
+            gen = torch.Generator().manual_seed(stream_seed(self.ctx.config.seed, cid, "floco-newcomer-snap"))
+            center = snap_center(placed, self.hp.rho, gen)
+        model = self.ctx.model
+        set_state(model, global_state)
+        model.head.alpha.copy_(center.to(model.head.alpha.dtype))
         return model
 
     def summary(self) -> dict[str, float]:

@@ -210,6 +210,11 @@ class PerFedAvg(Algorithm):
         """The fixed training mini-batch of client `cid`'s first adaptation step."""
         return self.adaptation_batches(cid, 1)[0]
 
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """A newcomer adapts the global model with the same step(s) every client takes at test time
+        (the paper's point: the meta-model is an initialization any new client adapts)."""
+        return self.eval_model(cid, global_state)
+
     def eval_state(self, cid: int, global_state: State) -> State:
         model = self.ctx.model
         set_state(model, global_state)

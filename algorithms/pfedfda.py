@@ -179,6 +179,11 @@ class PFedFDA(Algorithm):
             model.head.cov.copy_(cov)
         return stats
 
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """A newcomer builds its classifier as every client does at test time, from the global
+        body and statistics interpolated with estimates from its own data: no history needed."""
+        return self.eval_model(cid, global_state)
+
     def eval_model(self, cid: int, global_state: State) -> nn.Module:
         model = self.ctx.model
         set_state(model, global_state)

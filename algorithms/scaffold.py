@@ -197,7 +197,7 @@ class Scaffold(Algorithm):
         eta = self.hp.global_lr
         if eta != 1.0:
             mean = {n: global_state[n] + eta * (m - global_state[n]) for n, m in mean.items()}
-        n_clients = len(self.ctx.clients)
+        n_clients = len(self.ctx.participants)  # N of the paper: the clients that train
         for name, total in acc.extra["delta_c"].items():
             self.c[name] = self.c[name] + total / n_clients
         return {**global_state, **mean}

@@ -187,7 +187,7 @@ def test_floco_trains_in_the_assigned_subregions_and_counts_every_byte():
     algo = engine.algo
     used = []
     original = algo.alphas
-    algo.alphas = lambda cid, r, n: used.append((cid, r, a := original(cid, r, n))) or a
+    algo.alphas = lambda cid, r, n, whole=False: used.append((cid, r, a := original(cid, r, n, whole))) or a
     result = engine.run()
     assert algo.centers is not None and algo.centers.shape == (6, m)
     torch.testing.assert_close(algo.centers.sum(1), torch.ones(6, dtype=torch.float64))

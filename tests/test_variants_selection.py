@@ -218,7 +218,7 @@ def test_floco_defaults_are_flbench_and_the_assignment_happens_exactly_at_round_
     assigned = []
     used = []
     original = algo.alphas
-    algo.alphas = lambda cid, r, n: used.append((cid, r, a := original(cid, r, n))) or a
+    algo.alphas = lambda cid, r, n, whole=False: used.append((cid, r, a := original(cid, r, n, whole))) or a
     result = engine.run(progress=lambda r, _: assigned.append(algo.centers is not None))
     assert assigned == [False] * 9 + [True] * 3  # set by round 10's aggregation, not before
     assert result.summary["floco_tau"] == 10 and result.summary["floco_assigned"] == 1

@@ -38,7 +38,12 @@ from pflbench.experiments.records import RUNS
 PROTOCOL_KEYS = ("clients", "join_ratio", "rounds", "local_epochs", "batch_size", "lr", "momentum",
                  "weight_decay", "model", "eval_every", "finetune_epochs", "test_ratio", "min_samples",
                  "classes_per_client")
-LATER_PROTOCOL_KEYS = {"val_ratio": 0.0, "precision": "fp32"}  # in the label's hash only where set (older records lack them)
+LATER_PROTOCOL_KEYS = {"val_ratio": 0.0, "precision": "fp32", "sigma": 1.0, "size_dist": "lognormal",
+                       "natural_pick": "largest", "feature_skew": "none", "skew_strength": 0.0,
+                       "holdout_clients": 0.0}  # in the label's hash only where set (older records lack them)
+# clients never seen in training (--holdout-clients) and the partition's measured skew
+NEWCOMER_METRICS = ("acc_new", "acc_new_ft", "participation_gap")
+SKEW_METRICS = ("skew_hellinger", "skew_js", "size_cv")
 GROUP = ["dataset", "partition", "alpha", "algo", "hp", "protocol"]
 TIMING = ("wall_s",)
 
@@ -53,7 +58,23 @@ def protocol_label(config: dict) -> str:
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
     return (f"c{config['clients']}j{config['join_ratio']:g}-r{config['rounds']}-e{config['local_epochs']}"
             f"-{config['model']}-{digest[:6]}" + (f"-{config['precision']}" if config.get("precision", "fp32") != "fp32"
-                                                  else "") + (f"-tuned{budget}" if budget else ""))
+                                                  else "") + heterogeneity_tags(config)
+            + (f"-tuned{budget}" if budget else ""))
+
+
+def heterogeneity_tags(config: dict) -> str:
+    """Readable marks of the settings beyond the partition's name: `-holdout0.2`, `-rotate30`,
+    `-sigma2` (quantity skew), `-powerlaw`; empty for a plain label-skew protocol."""
+    tags = []
+    if config.get("partition") == "quantity":
+        tags.append(f"sigma{config.get('sigma', 1.0):g}")
+        if config.get("size_dist", "lognormal") != "lognormal":
+            tags.append(config["size_dist"])
+    if config.get("feature_skew", "none") != "none":
+        tags.append(f"{config['feature_skew']}{config.get('skew_strength', 0.0):g}")
+    if config.get("holdout_clients", 0.0):
+        tags.append(f"holdout{config['holdout_clients']:g}")
+    return "".join(f"-{t}" for t in tags)
 
 
 def hp_label(hp: dict, config: dict | None = None) -> str:
@@ -90,8 +111,7 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=[*GROUP, "seeds", "acc", "acc_std"])
     ok["comm_mb"] = (ok["comm_up_bytes"] + ok["comm_down_bytes"]) / 1e6
     metrics = ["acc", "acc_client_mean", "acc_client_p10", "best_acc", "acc_at_best_val", "val_acc", "acc_ft",
-               "comm_mb", "grad_evals",
-               "eval_grad_evals", "wall_s"]
+               *NEWCOMER_METRICS, "comm_mb", "grad_evals", "eval_grad_evals", *SKEW_METRICS, "wall_s"]
     metrics = [m for m in metrics if m in ok.columns]
     labels = [c for c in ("eval_adapt", "tuned_budget", "chosen", "paper_protocol") if c in ok.columns]
     grouped = ok.groupby(GROUP, dropna=False)
@@ -101,7 +121,7 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     for label in labels:
         board[label] = grouped[label].first()
     board = board.reset_index()
-    for optional in ("acc_ft", "acc_at_best_val", "val_acc"):
+    for optional in ("acc_ft", "acc_at_best_val", "val_acc", *NEWCOMER_METRICS, *SKEW_METRICS):
         if optional in board and board[optional].isna().all():
             board = board.drop(columns=optional)
     if "grad_evals" in board:

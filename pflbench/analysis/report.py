@@ -18,7 +18,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from pflbench.atomic import atomic_path, write_text  # noqa: E402
-from pflbench.analysis.leaderboard import load_runs, long_leaderboard, wide_leaderboard, write_leaderboards  # noqa: E402
+from pflbench.analysis.leaderboard import (LATER_PROTOCOL_KEYS, SKEW_METRICS, load_runs, long_leaderboard,  # noqa: E402
+                                           wide_leaderboard, write_leaderboards)
 from pflbench.analysis.tuning_report import tuning_section  # noqa: E402
 from pflbench.analysis.statistics import entry_labels, final_clients, rank_test, win_tie_loss  # noqa: E402
 
@@ -169,7 +170,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 DETAIL = ["algo", "seeds", "acc", "acc_ci_low", "acc_ci_high", "acc_std", "rank", "tied_best", "diff_vs_best",
           "p_vs_best", "p_vs_fedavg", "p_vs_local", "acc_client_mean", "acc_client_p10", "best_acc", "acc_ft",
-          "comm_mb", "grad_evals_vs_fedavg", "eval_adapt"]
+          "acc_new", "acc_new_ft", "participation_gap", "comm_mb", "grad_evals_vs_fedavg", "eval_adapt"]
 
 HOW_TO_READ = (
     "How to read this page. `acc` is pooled accuracy (correct / test samples over all clients) at the final "
@@ -193,8 +194,23 @@ def settings_line(runs: pd.DataFrame) -> str:
     config = json.loads((Path(runs.iloc[0]["run_dir"]) / "config.json").read_text())["config"]
     keys = ("partition", "clients", "join_ratio", "rounds", "local_epochs", "batch_size", "lr", "momentum",
             "weight_decay", "model", "eval_every", "finetune_epochs", "test_ratio", "min_samples")
+    later = {k: config[k] for k, default in LATER_PROTOCOL_KEYS.items() if config.get(k, default) != default}
     seeds = sorted(runs["seed"].unique())
-    return ", ".join(f"{k}={config[k]}" for k in keys) + f"; seeds {', '.join(map(str, seeds))}"
+    return (", ".join(f"{k}={v}" for k, v in [*((k, config[k]) for k in keys), *later.items()])
+            + f"; seeds {', '.join(map(str, seeds))}")
+
+
+def cell_heading(partition: str, alpha: float, cell: pd.DataFrame) -> str:
+    """`alpha = 0.1` (or the partition's name where alpha is not its parameter), with the
+    partition's measured skew beside it (means over the cell's runs; records that predate the
+    measures show none)."""
+    name = f"alpha = {alpha:g}" if partition == "dirichlet" else (
+        f"{partition}, alpha = {alpha:g}" if partition == "exdir" else partition)
+    present = [m for m in SKEW_METRICS if m in cell and cell[m].notna().any()]
+    if not present:
+        return name
+    labels = {"skew_hellinger": "Hellinger", "skew_js": "Jensen-Shannon", "size_cv": "size CV"}
+    return name + " (measured skew: " + ", ".join(f"{labels[m]} {cell[m].mean():.3f}" for m in present) + ")"
 
 
 def build_report(results: Path, reports: Path) -> Path:
@@ -234,9 +250,9 @@ def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.D
         img = accuracy_vs_alpha(shown, f"{dataset}: accuracy across heterogeneity (best {MAX_LINES} by mean rank)",
                                 reports / f"acc_vs_alpha_{tag}.png")
         page += [f"![accuracy versus alpha]({img.name})", ""]
-    for alpha, cell in runs.groupby("alpha"):
-        at = f"{tag}_{_alpha_tag(alpha)}"
-        detail = board[board["alpha"] == alpha]
+    for (partition, alpha), cell in runs.groupby(["partition", "alpha"]):
+        at = f"{tag}_{_alpha_tag(alpha)}" if partition == "dirichlet" else f"{tag}_{partition}_{_alpha_tag(alpha)}"
+        detail = board[(board["alpha"] == alpha) & (board["partition"] == partition)]
         columns = [c for c in DETAIL if c in detail] + [c for c in detail if c.startswith(("published_", "best_acc_vs_"))]
         figures = [
             intervals(detail, f"{dataset}, alpha={alpha:g}: accuracy and 95% intervals", reports / f"intervals_{at}.png"),
@@ -245,7 +261,7 @@ def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.D
             label_distribution(Path(cell.iloc[0]["run_dir"]), f"{dataset}, alpha={alpha:g}: label counts per client",
                                reports / f"partition_{at}.png"),
         ]
-        page += [f"### alpha = {alpha:g}", "", markdown_table(detail[columns]), ""]
+        page += [f"### {cell_heading(partition, alpha, cell)}", "", markdown_table(detail[columns]), ""]
         page += [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return page
 

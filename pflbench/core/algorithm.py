@@ -100,6 +100,11 @@ class Context:
     device: torch.device
     num_classes: int
     comm: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    participants: tuple[int, ...] = ()  # the clients that train (all but the holdout clients)
+
+    def __post_init__(self) -> None:
+        if not self.participants:
+            self.participants = tuple(range(len(self.clients)))
 
     def count_traffic(self, down: int = 0, up: int = 0) -> None:
         """Add bytes an algorithm moves outside the engine's per-client download and upload (a
@@ -216,6 +221,16 @@ class Algorithm:
         two models, two heads, a generative classifier); return a scratch module, since the
         engine may fine-tune it."""
         set_state(self.ctx.model, self.eval_state(cid, global_state))
+        return self.ctx.model
+
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """The module a client that never trained (`--holdout-clients`) is scored with: by default
+        the global model, which is all a newcomer has of a method without a rule of its own (the
+        engine's `--finetune-epochs` then adds the fine-tuned figure). Override where the method
+        says what a newcomer gets, e.g. a test-time adaptation that needs no history (FedBABU's
+        fine-tuning, Per-FedAvg's step) or a placement from local data (Floco). Returns a scratch
+        module, like `eval_model`; must not change the algorithm's state."""
+        set_state(self.ctx.model, global_state)
         return self.ctx.model
 
     @classmethod

@@ -25,7 +25,7 @@ from pflbench.core.data import Dataset
 from pflbench.errors import UserError
 from pflbench.core.metrics import evaluation_figures
 from pflbench.core.models import build_model
-from pflbench.core.partition import ClientSplit
+from pflbench.core.partition import ClientSplit, holdout_clients
 from pflbench.core.state import State, get_state, nbytes, set_state, subset
 from pflbench.core.training import ClientData, Trainer, TrainStats, precision_context
 
@@ -39,12 +39,15 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def client_schedule(seed: int, num_clients: int, per_round: int, rounds: int) -> list[list[int]]:
-    """The sampled clients of every round, drawn from one seeded stream independent of the algorithm."""
-    if per_round >= num_clients:
-        return [list(range(num_clients)) for _ in range(rounds)]
+def client_schedule(seed: int, num_clients: int, per_round: int, rounds: int,
+                    holdout: tuple[int, ...] = ()) -> list[list[int]]:
+    """The sampled clients of every round, drawn from one seeded stream independent of the
+    algorithm, among the clients that train (holdout clients are never sampled)."""
+    pool = np.array([c for c in range(num_clients) if c not in set(holdout)])
+    if per_round >= len(pool):
+        return [pool.tolist() for _ in range(rounds)]
     rng = np.random.default_rng([seed, 0x5A3D])
-    return [sorted(rng.choice(num_clients, per_round, replace=False).tolist()) for _ in range(rounds)]
+    return [sorted(pool[rng.choice(len(pool), per_round, replace=False)].tolist()) for _ in range(rounds)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,11 +83,14 @@ class Engine:
                         for s in splits]
         self.trainer = Trainer(data, self.clients, config.seed, config.batch_size, config.lr,
                                config.momentum, config.weight_decay)
+        self.holdout = holdout_clients(config.holdout_clients, len(splits), config.seed)
+        participants = tuple(c for c in range(len(splits)) if c not in set(self.holdout))
         ctx = Context(config=config, model=model, trainer=self.trainer, clients=self.clients,
-                      device=device, num_classes=data.num_classes)
+                      device=device, num_classes=data.num_classes, participants=participants)
         self.algo = algorithm_cls(ctx, hyperparams)
         self.global_state = get_state(model)
-        self.schedule = client_schedule(config.seed, len(splits), config.clients_per_round, config.rounds)
+        self.schedule = client_schedule(config.seed, len(splits), config.clients_per_round, config.rounds,
+                                        self.holdout)
         self.timers = {"client_s": 0.0, "server_s": 0.0, "eval_s": 0.0}
         self.comm = ctx.comm
         self.grad_evals = {"grad_evals": 0, "eval_grad_evals": 0}
@@ -142,14 +148,22 @@ class Engine:
 
     def evaluate(self, round_: int) -> list[dict[str, Any]]:
         """One row per client, with the model that client would use (and fine-tuned, if asked).
-        Where the client has a validation set, the same model is scored on it too (`_val`)."""
+        Where the client has a validation set, the same model is scored on it too (`_val`). A
+        holdout client (it never trained) is scored with what the algorithm gives a newcomer
+        (`Algorithm.newcomer_model`), and its row says `holdout`."""
         rows = []
         ft_epochs = self.config.finetune_epochs
         for cid in range(len(self.clients)):
-            model = self.algo.eval_model(cid, self.global_state)
+            newcomer = cid in self.holdout
+            if newcomer:
+                model = self.algo.newcomer_model(cid, self.global_state)
+            else:
+                model = self.algo.eval_model(cid, self.global_state)
             res = self.trainer.evaluate(model, cid)
             row = {"client": cid, "round": round_, "n_test": res.n, "correct": res.correct,
                    "acc": 100.0 * res.correct / res.n, "loss": res.loss_sum / res.n}
+            if self.holdout:
+                row["holdout"] = newcomer
             if self.clients[cid].n_val:
                 val = self.trainer.evaluate(model, cid, split="val")
                 row.update(n_val=val.n, correct_val=val.correct, acc_val=100.0 * val.correct / val.n,

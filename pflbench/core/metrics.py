@@ -27,7 +27,28 @@ def accuracy_figures(n: Iterable[int], correct: Iterable[int], suffix: str = "")
 
 
 def evaluation_figures(client_rows: list[Mapping[str, float]]) -> dict[str, float]:
-    """All figures of one evaluation; the `_ft` set too where fine-tuned results are present."""
+    """All figures of one evaluation; the `_ft` set too where fine-tuned results are present.
+
+    Holdout clients (rows with `holdout` true: they never trained) are kept apart: the usual
+    figures describe the clients that trained, and `acc_new` (with its client mean, std and p10,
+    and `acc_new_ft` after fine-tuning) the newcomers; `participation_gap` is `acc - acc_new`."""
+    newcomers = [r for r in client_rows if r.get("holdout")]
+    figures = _figures([r for r in client_rows if not r.get("holdout")])
+    if newcomers:
+        n = [r["n_test"] for r in newcomers]
+        figures.update(_renamed(accuracy_figures(n, [r["correct"] for r in newcomers]), "new"))
+        if "correct_ft" in newcomers[0]:
+            figures.update(_renamed(accuracy_figures(n, [r["correct_ft"] for r in newcomers]), "new_ft"))
+        figures["participation_gap"] = figures["acc"] - figures["acc_new"]
+    return figures
+
+
+def _renamed(figures: dict[str, float], tag: str) -> dict[str, float]:
+    """`acc` -> `acc_<tag>`, `acc_client_mean` -> `acc_<tag>_client_mean`, ..."""
+    return {f"acc_{tag}" + k[len("acc"):]: v for k, v in figures.items()}
+
+
+def _figures(client_rows: list[Mapping[str, float]]) -> dict[str, float]:
     n = [r["n_test"] for r in client_rows]
     figures = accuracy_figures(n, [r["correct"] for r in client_rows])
     figures["loss"] = float(sum(r["loss"] * r["n_test"] for r in client_rows) / sum(n))

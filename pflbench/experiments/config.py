@@ -17,12 +17,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pflbench.core.partition import holdout_count
 from pflbench.errors import UserError
 
-PARTITION_SCHEMES = ("dirichlet", "shards", "iid")
+PARTITION_SCHEMES = ("dirichlet", "exdir", "shards", "iid", "quantity", "natural")
+SIZE_DISTRIBUTIONS = ("lognormal", "powerlaw")
+NATURAL_PICKS = ("largest", "sample")
+FEATURE_SKEWS = ("none", "rotate", "noise")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-LATER_SETTINGS = {"val_ratio": 0.0, "precision": "fp32", "tuned_budget": 0, "tuned_study": ""}
+LATER_SETTINGS = {"val_ratio": 0.0, "precision": "fp32", "tuned_budget": 0, "tuned_study": "",
+                  "sigma": 1.0, "size_dist": "lognormal", "natural_pick": "largest",
+                  "feature_skew": "none", "skew_strength": 0.0, "holdout_clients": 0.0}
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,12 @@ class RunConfig:
     min_samples: int = 10
     val_ratio: float = 0.0
     precision: str = "fp32"
+    sigma: float = 1.0  # quantity skew: the spread of client sizes (see pflbench.core.schemes)
+    size_dist: str = "lognormal"  # quantity skew: lognormal or powerlaw
+    natural_pick: str = "largest"  # natural partition: the N largest clients, or a seeded sample
+    feature_skew: str = "none"  # none, rotate or noise: a per-client input transform
+    skew_strength: float = 0.0  # rotate: the largest angle in degrees; noise: the largest noise std
+    holdout_clients: float = 0.0  # a seeded share of clients that never trains, scored as newcomers
     tuned_budget: int = 0  # > 0: the hyperparameters (and lr) were chosen by a study of this budget
     tuned_study: str = ""  # the name of that study (`pflbench tune`)
     hp: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +90,20 @@ class RunConfig:
              f"--classes-per-client must be >= 1 (got {self.classes_per_client})"),
             (self.precision in PRECISIONS,
              f"unknown precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}"),
+            (self.sigma > 0, f"--sigma must be > 0 (got {self.sigma}); 1.0 is a moderate quantity skew"),
+            (self.size_dist in SIZE_DISTRIBUTIONS,
+             f"unknown --size-dist '{self.size_dist}'; choose one of {', '.join(SIZE_DISTRIBUTIONS)}"),
+            (self.natural_pick in NATURAL_PICKS,
+             f"unknown --natural-pick '{self.natural_pick}'; choose one of {', '.join(NATURAL_PICKS)}"),
+            (self.feature_skew in FEATURE_SKEWS,
+             f"unknown --feature-skew '{self.feature_skew}'; choose one of {', '.join(FEATURE_SKEWS)}"),
+            (self.skew_strength >= 0, f"--skew-strength must be >= 0 (got {self.skew_strength})"),
+            (self.feature_skew != "rotate" or self.skew_strength <= 180,
+             f"--skew-strength is the largest rotation in degrees, at most 180 (got {self.skew_strength})"),
+            (0 <= self.holdout_clients < 1,
+             f"--holdout-clients must be in [0, 1) (got {self.holdout_clients}); 0.2 holds out a fifth of the clients"),
+            (self.holdout_clients == 0 or self.clients >= 2,
+             "--holdout-clients needs at least 2 clients (one to train, one held out)"),
             (self.partition in PARTITION_SCHEMES,
              f"unknown partition '{self.partition}'; choose one of {', '.join(PARTITION_SCHEMES)}"),
         ]
@@ -87,7 +113,13 @@ class RunConfig:
 
     @property
     def clients_per_round(self) -> int:
-        return max(1, round(self.join_ratio * self.clients))
+        """Clients sampled per round: a share of those that train (holdout clients never do)."""
+        return max(1, round(self.join_ratio * self.training_clients))
+
+    @property
+    def training_clients(self) -> int:
+        """How many clients train: all but the holdout share (`partition.holdout_clients`)."""
+        return self.clients - holdout_count(self.holdout_clients, self.clients)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,7 +131,8 @@ class RunConfig:
     def run_id(self) -> str:
         """A readable prefix plus a hash of the canonical JSON: equal configs, equal ids."""
         digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
-        alpha = f"a{self.alpha:g}" if self.partition == "dirichlet" else self.partition
+        alpha = {"dirichlet": f"a{self.alpha:g}", "exdir": f"exdir-a{self.alpha:g}",
+                 "quantity": f"quantity{self.sigma:g}"}.get(self.partition, self.partition)
         return f"{self.algo}-{self.dataset}-{alpha}-s{self.seed}-{digest}"
 
     def replace(self, **changes: Any) -> "RunConfig":

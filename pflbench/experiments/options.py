@@ -16,8 +16,14 @@ import typer
 from pflbench.experiments.config import RunConfig
 
 RUN_FLAGS: dict[str, str] = {
-    "partition": "dirichlet, shards or iid.",
-    "classes_per_client": "Classes per client for --partition shards.",
+    "partition": "dirichlet, exdir, shards, iid, quantity or natural.",
+    "classes_per_client": "Classes per client for --partition shards and exdir.",
+    "sigma": "Quantity skew (--partition quantity): spread of client sizes; larger is more skewed.",
+    "size_dist": "Quantity skew: lognormal or powerlaw client sizes.",
+    "natural_pick": "Natural partition: the --clients largest clients, or a seeded sample.",
+    "feature_skew": "none, rotate or noise: each client sees its inputs through its own transform.",
+    "skew_strength": "Feature skew: largest rotation in degrees, or largest noise std.",
+    "holdout_clients": "Share of clients that never train, scored as newcomers (acc_new).",
     "clients": "Number of clients.",
     "join_ratio": "Fraction of clients sampled each round, in (0, 1].",
     "rounds": "Communication rounds.",
@@ -26,7 +32,7 @@ RUN_FLAGS: dict[str, str] = {
     "lr": "SGD learning rate.",
     "momentum": "SGD momentum (the optimizer is fresh every round).",
     "weight_decay": "SGD weight decay.",
-    "model": "fedavgcnn, lenet5, mlp or auto.",
+    "model": "fedavgcnn, fedavgcnn_bn, lenet5, mlp, resnet18, resnet18_pretrained, smallcnn_bn or auto.",
     "eval_every": "Evaluate every K rounds (and after the last).",
     "finetune_epochs": "Also report accuracy after K local fine-tuning epochs (_ft metrics).",
     "test_ratio": "Share of each client's samples held out as its local test set.",

@@ -9,20 +9,35 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable
 
-from pflbench.experiments.config import RunConfig
-from pflbench.core.data import load_dataset
+import numpy as np
+
+from pflbench.core.data import Dataset, load_dataset
 from pflbench.core.engine import Engine, ProgressFn, resolve_device
-from pflbench.core.partition import PartitionSpec, cached_partition, label_counts
-from pflbench.errors import UserError
-from pflbench.experiments.records import RunRecord, failed_record, write_run
+from pflbench.core.feature_skew import apply_feature_skew
+from pflbench.core.partition import ClientSplit, PartitionSpec, cached_partition, label_counts
 from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.core.skew import skew_measures
+from pflbench.errors import UserError
+from pflbench.experiments.config import RunConfig
+from pflbench.experiments.records import RunRecord, failed_record, write_run
 
 
 def partition_spec(config: RunConfig) -> PartitionSpec:
     return PartitionSpec(scheme=config.partition, num_clients=config.clients, seed=config.seed,
                          alpha=config.alpha, classes_per_client=config.classes_per_client,
                          min_samples=config.min_samples, test_ratio=config.test_ratio,
-                         val_ratio=config.val_ratio)
+                         val_ratio=config.val_ratio, sigma=config.sigma, size_dist=config.size_dist,
+                         holdout=config.holdout_clients, natural_pick=config.natural_pick)
+
+
+def with_feature_skew(data: Dataset, splits: list[ClientSplit], config: RunConfig) -> Dataset:
+    """The dataset with each client's samples seen through its own transform (`--feature-skew`),
+    applied once here, before training, never per batch."""
+    if config.feature_skew == "none" or config.skew_strength == 0:
+        return data
+    rows = [np.concatenate([s.train, s.test, s.val]) for s in splits]
+    x = apply_feature_skew(data.x, rows, config.feature_skew, config.skew_strength, config.seed)
+    return dataclasses.replace(data, x=x)
 
 
 def check_classes_per_client(config: RunConfig, num_classes: int) -> None:
@@ -44,11 +59,13 @@ def compute_run(config: RunConfig, data_root: Path, device: str = "auto", plugin
     data = load_dataset(config.dataset, data_root)
     check_classes_per_client(config, data.num_classes)
     labels = data.y.numpy()
-    splits = cached_partition(labels, partition_spec(config), cache_dir)
+    splits = cached_partition(labels, partition_spec(config), cache_dir, data.natural)
+    data = with_feature_skew(data, splits, config)
     result = Engine(config, data, splits, algorithm_cls, hyperparams, torch_device).run(progress)
+    counts = label_counts(labels, splits, data.num_classes)
+    summary = {**result.summary, **skew_measures(counts)}
     return RunRecord(config=config, hyperparams=dataclasses.asdict(hyperparams), device=str(torch_device),
-                     summary=result.summary, rounds=result.rounds, clients=result.clients,
-                     label_counts=label_counts(labels, splits, data.num_classes))
+                     summary=summary, rounds=result.rounds, clients=result.clients, label_counts=counts)
 
 
 def partition_cache(results: Path) -> Path:
