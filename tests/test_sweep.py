@@ -155,9 +155,21 @@ def test_report_rebuilds_csvs_and_plots_from_stored_runs(tmp_path):
                     "partition", "partition", "wtl"]
     page = (reports / "README.md").read_text()
     assert all(f"]({p.name})" in page for p in reports.glob("*.png"))
+    images = {p.name: p.read_bytes() for p in reports.glob("*.png")}
     (results / "leaderboard.csv").unlink()
     CliRunner().invoke(app, ["report", "--results", str(results), "--reports", str(reports)])
     assert (results / "leaderboard.csv").read_text() == long
+    # unchanged runs redraw byte-identical images (no churn in a committed reports/ folder)
+    assert {p.name: p.read_bytes() for p in reports.glob("*.png")} == images
+
+
+def test_critical_difference_names_hash_the_same_in_every_process():
+    """The diagram's bars come from sets of names; a name's hash fixed across processes (not
+    str's, salted per process) keeps their drawing order, and the image, the same."""
+    from pflbench.analysis.report import StableName
+
+    assert hash(StableName("fedavg")) == 551283534140734481  # the same in any process, on any machine
+    assert StableName("fedavg") == "fedavg" and {StableName("a"): 1}[StableName("a")] == 1
 
 
 def sweep_command(results, reports, *extra):

@@ -6,11 +6,13 @@ training. Figures are written atomically like every other output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -77,6 +79,18 @@ def intervals(cell: pd.DataFrame, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+class StableName(str):
+    """An algorithm name whose hash is the same in every process. scikit-posthocs finds the
+    diagram's bars as Python sets of names, so with str's per-process hash the bars' drawing order
+    (and the image's bytes) changed on every rebuild of unchanged results."""
+
+    def __hash__(self) -> int:
+        return int.from_bytes(hashlib.blake2b(self.encode(), digest_size=8).digest(), "little")
+
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+
 def critical_difference(board: pd.DataFrame, title: str, path: Path) -> Path | None:
     """Critical-difference diagram (scikit-posthocs): mean ranks over the cells, algorithms not
     significantly different by the Nemenyi test joined by a bar; None with too few cells."""
@@ -86,7 +100,10 @@ def critical_difference(board: pd.DataFrame, title: str, path: Path) -> Path | N
     if test is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 0.22 * len(test.ranks) + 1.6))
-    scikit_posthocs.critical_difference_diagram(test.ranks, test.posthoc, ax=ax)
+    names = {name: StableName(name) for name in test.ranks.index}
+    ranks = test.ranks.rename(index=names)
+    posthoc = test.posthoc.rename(index=names, columns=names)
+    scikit_posthocs.critical_difference_diagram(ranks, posthoc, ax=ax)
     ax.set_title(f"{title}\n{test.cells} cells; Friedman p = {test.p_value:.3g}; "
                  f"Nemenyi CD = {test.critical_difference:.2f}", fontsize=9)
     return _save(fig, path)
@@ -135,7 +152,12 @@ def client_distribution(runs: pd.DataFrame, title: str, path: Path) -> Path:
     with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11's deprecated `vert`
         warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
         sns.boxplot(data=data, y="algo", x="acc", order=order, color="0.85", fliersize=0, ax=ax)
-    sns.stripplot(data=data, y="algo", x="acc", order=order, size=2.5, alpha=0.6, ax=ax)
+    saved = np.random.get_state()  # seaborn jitters with numpy's global generator: seed it, so an
+    np.random.seed(0)  # unchanged cell redraws the same image
+    try:
+        sns.stripplot(data=data, y="algo", x="acc", order=order, size=2.5, alpha=0.6, ax=ax)
+    finally:
+        np.random.set_state(saved)
     ax.set(xlabel="per-client accuracy at the final evaluation (%)", ylabel="", title=title)
     return _save(fig, path)
 
