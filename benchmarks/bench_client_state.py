@@ -31,7 +31,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from pflbench.core.algorithm import Context
 from pflbench.core.data import load_dataset
 from pflbench.core.engine import Engine, resolve_device
 from pflbench.core.models import batchnorm_variant

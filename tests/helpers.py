@@ -70,6 +70,30 @@ def finite_accuracy(result):
     return all(math.isfinite(r["acc"]) and 0.0 <= r["acc"] <= 100.0 for r in result.rounds)
 
 
+def capture_uploads(algo, with_global: bool = False) -> list:
+    """Record every round's uploads as the engine hands them to `aggregate` (replacing it forces
+    the collected-list path); with `with_global`, each entry is (uploads, a copy of the global
+    state they were aggregated onto)."""
+    seen = []
+    original = algo.aggregate
+
+    def spy(uploads, global_state):
+        if with_global:
+            seen.append((list(uploads), {k: v.clone() for k, v in global_state.items()}))
+        else:
+            seen.append(list(uploads))
+        return original(uploads, global_state)
+
+    algo.aggregate = spy
+    return seen
+
+
+def first_digits16(n: int = 400) -> Dataset:
+    """The first `n` of `digits16`: enough for a couple of clients of a conv net, fast on a CPU."""
+    data = digits16()
+    return Dataset("digits16", data.x[:n], data.y[:n], data.num_classes)
+
+
 @functools.lru_cache(maxsize=None)
 def digits16() -> Dataset:
     """Digits upsampled to 16x16 (nearest): small images the conv nets (fedavgcnn, fedavgcnn_bn)

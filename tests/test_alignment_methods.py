@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import comm_bytes, digits, make_engine, metrics, small_config, states_equal
-from pflbench.core.data import Dataset
+from helpers import comm_bytes, digits16, make_engine, metrics, small_config, states_equal
 from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
 from pflbench.core.state import get_state, nbytes, set_state, subset
 from pflbench.errors import UserError
@@ -328,8 +327,7 @@ def test_same_config_gives_identical_runs(algo):
 @pytest.mark.parametrize("model", ["fedavgcnn", "lenet5"])
 def test_conv_models_feature_sizes_are_read_from_the_model(algo, model):
     """Digits upsampled to 16x16 so the conv nets fit; prototypes have the head's input width."""
-    data = digits()
-    upsampled = Dataset("digits16", F.interpolate(data.x, size=(16, 16), mode="nearest"), data.y, data.num_classes)
+    upsampled = digits16()
     engine = make_engine(small_config(algo=algo, model=model, rounds=1, clients=4, join_ratio=0.5), data=upsampled)
     result = engine.run()
     assert all(np.isfinite(r["acc"]) and np.isfinite(r["loss"]) for r in result.rounds)

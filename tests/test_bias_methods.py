@@ -8,23 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import comm_bytes, make_engine, metrics, small_config, states_equal
+from helpers import capture_uploads, comm_bytes, make_engine, metrics, small_config, states_equal
 from pflbench.core.state import get_state, nbytes, set_state
 from pflbench.errors import UserError
-
-
-def capture_uploads(algo):
-    """Record every round's uploads (and the global state they were aggregated onto) as the
-    engine hands them to `aggregate` (this forces the collected-list path)."""
-    seen = []
-    original = algo.aggregate
-
-    def spy(uploads, global_state):
-        seen.append(([u for u in uploads], {k: v.clone() for k, v in global_state.items()}))
-        return original(uploads, global_state)
-
-    algo.aggregate = spy
-    return seen
 
 
 def model_bytes(engine):
@@ -59,7 +45,7 @@ def test_feddbe_each_part_alone_changes_the_run():
 def test_feddbe_keeps_the_bias_home_and_counts_every_byte():
     engine = make_engine(small_config(algo="feddbe", rounds=2, join_ratio=0.5))
     algo = engine.algo
-    seen = capture_uploads(algo)
+    seen = capture_uploads(algo, with_global=True)
     result = engine.run()
     dim = engine.model.head.in_features
     assert algo.dim == dim == 200
@@ -207,7 +193,7 @@ def test_fedcac_with_tau_zero_is_exactly_fedavg():
 def test_fedcac_customizes_critical_values_as_the_mean_over_collaborators():
     engine = make_engine(small_config(algo="fedcac", rounds=3, join_ratio=0.5), beta=10)
     algo = engine.algo
-    seen = capture_uploads(algo)
+    seen = capture_uploads(algo, with_global=True)
     result = engine.run()
     uploads, _ = seen[-1]
     by_cid = {u.cid: u.payload for u in uploads}
@@ -236,7 +222,7 @@ def test_fedcac_customizes_critical_values_as_the_mean_over_collaborators():
 
 def test_fedcac_past_beta_every_client_keeps_its_own_critical_values():
     engine = make_engine(small_config(algo="fedcac", rounds=2, join_ratio=0.5), beta=1)
-    seen = capture_uploads(engine.algo)
+    seen = capture_uploads(engine.algo, with_global=True)
     engine.run()
     uploads, _ = seen[-1]  # round 2: threshold = avg + 2 (max - avg) > max
     for u in uploads:

@@ -8,28 +8,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import comm_bytes, digits, make_engine, metrics, small_config, states_equal
-from pflbench.core.data import Dataset
+from helpers import capture_uploads, comm_bytes, first_digits16, make_engine, metrics, small_config, states_equal
 from pflbench.core.registry import get_algorithm, load_algorithms, resolve_hyperparams
 from pflbench.core.state import get_state, set_state, subset
 from pflbench.errors import UserError
 
 FLOAT = 4  # bytes per float32
-
-
-def capture_uploads(algo):
-    """Record every round's uploads as the engine hands them to `aggregate` (the list path)."""
-    seen = []
-    original = algo.aggregate
-
-    def spy(uploads, global_state):
-        seen.append(list(uploads))
-        return original(uploads, global_state)
-
-    algo.aggregate = spy
-    return seen
 
 
 def numel(module):
@@ -290,10 +275,7 @@ def test_gpfl_is_deterministic_and_its_evaluation_is_read_only():
     ("gpfl", lambda body, d, c: body + c * d + 2 * (d * d + 3 * d)),
 ])
 def test_reads_the_feature_size_from_the_conv_models(algo, per_client):
-    data = digits()
-    keep = slice(0, 400)  # a few hundred 16x16 digits: enough for two clients, fast on a CPU
-    data16 = Dataset("digits16", F.interpolate(data.x[keep], size=(16, 16), mode="nearest"), data.y[keep],
-                     data.num_classes)
+    data16 = first_digits16()
     for model, d in (("fedavgcnn", 512), ("lenet5", 84)):
         config = small_config(algo=algo, rounds=1, clients=2, model=model)
         engine = make_engine(config, data=data16)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from helpers import digits, make_engine, small_config, states_equal, without_timing
+from helpers import digits, digits16, make_engine, small_config, states_equal, without_timing
 from pflbench.core.engine import client_schedule
 from pflbench.core.models import build_model
 from pflbench.core.state import get_state, nbytes
@@ -92,8 +92,7 @@ def test_evaluation_rows_and_pooled_accuracy():
 
 def test_conv_model_runs_in_channels_last():
     config = small_config(algo="fedavg", model="fedavgcnn", rounds=1)
-    data = digits()
-    big = type(data)(data.name, F.interpolate(data.x, size=(16, 16)), data.y, data.num_classes)
+    big = digits16()
     engine = make_engine(config, data=big)
     assert engine.trainer.data.x.is_contiguous(memory_format=torch.channels_last)
     assert engine.run().summary["acc"] > 0

@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from algorithms.fedavg import FedAvg
-from helpers import comm_bytes, digits, make_engine, metrics, small_config, states_equal
+from helpers import comm_bytes, digits, digits16, make_engine, metrics, small_config, states_equal
 from pflbench.core.algorithm import Upload
-from pflbench.core.data import Dataset
 from pflbench.core.engine import Engine
 from pflbench.core.partition import partition
 from pflbench.core.state import nbytes, set_state
@@ -341,8 +339,7 @@ def test_feddyn_rejects_bad_hyperparameters(hp, message):
 
 @pytest.mark.parametrize("algo", ["scaffold", "feddyn"])
 def test_runs_on_the_conv_models_and_evaluates_the_global_model(algo):
-    data = digits()
-    data16 = Dataset("digits16", F.interpolate(data.x, size=(16, 16), mode="nearest"), data.y, data.num_classes)
+    data16 = digits16()
     for model in ("fedavgcnn", "lenet5"):
         config = small_config(algo=algo, rounds=1, join_ratio=0.5, model=model)
         engine = make_engine(config, data=data16)

@@ -7,21 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import comm_bytes, make_engine, small_config, states_equal, without_timing
+from helpers import capture_uploads, comm_bytes, make_engine, small_config, states_equal, without_timing
 from pflbench.core.state import get_state, nbytes, set_state, subset
-
-
-def capture_uploads(algo):
-    """Record every round's uploads as the engine hands them to `aggregate`."""
-    seen = []
-    original = algo.aggregate
-
-    def spy(uploads, global_state):
-        seen.append(list(uploads))
-        return original(uploads, global_state)
-
-    algo.aggregate = spy
-    return seen
 
 
 def logits_on_test(engine, model, cid):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import digits, make_engine, small_config
+from helpers import make_engine, small_config
 from pflbench.core.natural import NaturalClients
 from pflbench.core.partition import PartitionSpec, cached_partition, holdout_clients, label_counts, partition
 from pflbench.core.schemes import quantity_sizes

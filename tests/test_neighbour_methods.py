@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 from algorithms.fedamp import FedAMP, attention_weights
 from algorithms.fedfomo import SCORES, FedFomo, combine, fomo_weights
-from helpers import comm_bytes, digits, make_engine, metrics, small_config, states_equal
+from helpers import comm_bytes, digits, first_digits16, make_engine, metrics, small_config, states_equal
 from pflbench.core.algorithm import Algorithm
-from pflbench.core.data import Dataset
 from pflbench.core.engine import Engine
 from pflbench.core.partition import partition
 from pflbench.core.registry import resolve_hyperparams
@@ -350,9 +349,7 @@ def test_same_config_twice_gives_identical_runs(algo):
 
 def small_images():
     """The first 400 digits upsampled to 16x16 (nearest): inputs the conv nets accept, offline and fast."""
-    data = digits()
-    return Dataset("digits16", F.interpolate(data.x[:400], size=(16, 16), mode="nearest"), data.y[:400],
-                   data.num_classes)
+    return first_digits16()
 
 
 @pytest.mark.parametrize("algo", ["fedfomo", "fedamp"])
