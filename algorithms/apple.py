@@ -99,6 +99,11 @@ Boundary: with every p_i set to the one-hot e_i and frozen (dr_lr = 0; mu = 0, s
 loss carries no constant term) each client trains and is tested with its own core model alone:
 exactly Local, bit for bit (tested; and with `scale_lr`, Local at N times the lr).
 
+Cost: every local step combines the N core models (p_i times an N x P matrix, and its gradient
+with respect to p_i) before the forward pass, so a step costs a model-sized matrix-vector
+product per client more than FedAvg's: measured (`benchmarks/bench_algorithms.py`, 2026-11-26, one thread of this project's 2-core CPU, other core idle) 1.6x FedAvg's time per
+sample-gradient with 20 clients, growing with N. Both references combine the same way.
+
 Search space (`pflbench tune`, beside the run's learning rate): dr_lr in [1e-4, 1e-2] and mu in
 [0.01, 1], log scale: a decade either side of the authors' defaults.
 """

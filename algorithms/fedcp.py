@@ -70,6 +70,12 @@ from a U[0, 1)^D vector); Gumbel noise comes from streams seeded by (seed, round
 on the CPU one epoch at a time, so CPU and GPU runs see the same noise.
 
 Models: the head must be one linear layer (fedavgcnn, lenet5, mlp); D is read from it.
+
+Cost: each batch also runs the CPN (a D-wide conditional policy network), the Gumbel draw, two
+heads, a forward pass of the frozen received body and the MMD between the two feature sets:
+measured (`benchmarks/bench_algorithms.py`, 2026-11-26, one thread of this project's 2-core CPU, other core idle) 1.7x
+to 1.85x FedAvg's time per sample-gradient on fedavgcnn, all of it the method's own modules (the
+references compute the same per batch).
 """
 
 from __future__ import annotations

@@ -73,6 +73,9 @@ travels: it is the model the client trained itself).
 Compute: the trained model's forward and backward pass counts once per sample (`Trainer.sgd`);
 the global and previous models' forward passes are not gradients and are not counted, so
 `grad_evals` equals FedAvg's while a round costs about two more forward passes per sample.
+Measured (`benchmarks/bench_algorithms.py`, 2026-11-26, one thread of this project's 2-core CPU, other core idle): 1.5x to 1.7x FedAvg's time per sample-gradient, about what two extra forward
+passes (each roughly a third of a forward and backward pass) predict: the contrastive term needs
+the global and previous models' representations of every batch, so the cost is the method's.
 """
 
 from __future__ import annotations
