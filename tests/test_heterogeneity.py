@@ -268,3 +268,18 @@ def test_bad_heterogeneity_flags_are_one_line_errors(tmp_path, flags, message):
                                    "--results", str(tmp_path), *flags])
     assert out.exit_code != 0
     assert message in out.output and "Traceback" not in out.output
+
+
+def test_report_shows_newcomer_figures_and_the_measured_skew_beside_the_cell(tmp_path):
+    from pflbench.analysis.report import build_report
+
+    results = tmp_path / "results"
+    for algo in ("fedavg", "local"):
+        execute(small_config(algo=algo, clients=8, holdout_clients=0.25, rounds=1, partition="quantity"),
+                results, tmp_path / "data", device="cpu")
+    page = build_report(results, tmp_path / "reports").read_text()
+    assert "### quantity (measured skew: Hellinger" in page and "size CV" in page
+    assert "-sigma1-holdout0.25)" in page  # the protocol's name carries the heterogeneity settings
+    board = pd.read_csv(results / "leaderboard.csv")
+    assert {"acc_new", "participation_gap", "skew_js", "size_cv"} <= set(board.columns)
+    assert np.allclose(board["participation_gap"], board["acc"] - board["acc_new"])
