@@ -126,8 +126,12 @@ def run(
                          device=device, plugins=plugin or (), progress=progress, on_warning=warn_one, **flags)
     s = result.summary
     ft = f", acc_ft {s['acc_ft']:.2f}%" if "acc_ft" in s else ""
+    new = ""
+    if "acc_new" in s:  # holdout clients: how newcomers fare
+        new_ft = f", after fine-tuning {s['acc_new_ft']:.2f}%" if "acc_new_ft" in s else ""
+        new = f"newcomers {s['acc_new']:.2f}%{new_ft}, "
     typer.echo(f"{result.config.run_id()}: acc {s['acc']:.2f}% (best {s['best_acc']:.2f}%{ft}), "
-               f"client mean {s['acc_client_mean']:.2f}%, p10 {s['acc_client_p10']:.2f}%, "
+               f"client mean {s['acc_client_mean']:.2f}%, p10 {s['acc_client_p10']:.2f}%, {new}"
                f"{s['wall_s']:.1f}s -> {result.path}")
 
 

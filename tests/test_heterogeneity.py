@@ -283,3 +283,16 @@ def test_report_shows_newcomer_figures_and_the_measured_skew_beside_the_cell(tmp
     board = pd.read_csv(results / "leaderboard.csv")
     assert {"acc_new", "participation_gap", "skew_js", "size_cv"} <= set(board.columns)
     assert np.allclose(board["participation_gap"], board["acc"] - board["acc_new"])
+
+
+def test_run_prints_how_newcomers_fare(tmp_path):
+    from typer.testing import CliRunner
+
+    from pflbench.cli import app
+
+    out = CliRunner().invoke(app, ["run", "--algo", "fedavg", "--dataset", "digits", "--rounds", "1", "--clients", "8",
+                                   "--local-epochs", "1", "--holdout-clients", "0.25", "--finetune-epochs", "1",
+                                   "--results", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert f"newcomers {summary['acc_new']:.2f}%, after fine-tuning {summary['acc_new_ft']:.2f}%" in out.output
