@@ -283,6 +283,14 @@ def test_report_shows_newcomer_figures_and_the_measured_skew_beside_the_cell(tmp
     board = pd.read_csv(results / "leaderboard.csv")
     assert {"acc_new", "participation_gap", "skew_js", "size_cv"} <= set(board.columns)
     assert np.allclose(board["participation_gap"], board["acc"] - board["acc_new"])
+    # the intervals are over the clients that trained, as `acc` is: newcomers are not in them
+    from pflbench.analysis.leaderboard import load_runs
+    from pflbench.analysis.statistics import final_clients
+
+    rows = final_clients(load_runs(results))
+    pooled = rows.groupby("algo")["correct"].sum() * 100 / rows.groupby("algo")["n"].sum()
+    assert len(rows) == 2 * 6
+    assert pooled.to_dict() == pytest.approx(board.set_index("algo")["acc"].to_dict(), abs=1e-3)
 
 
 def test_run_prints_how_newcomers_fare(tmp_path):

@@ -49,7 +49,8 @@ SEED = 20260  # fixed: the same records always give the same intervals and p-val
 def final_clients(runs: pd.DataFrame, suffix: str = "") -> pd.DataFrame:
     """One row per (run, client) at the run's final evaluation: the cell, the entry, the seed, the
     client, `n` (test samples) and `correct` (`correct_ft` when suffix="_ft"; runs without it are
-    left out)."""
+    left out). Holdout clients (they never trained; see `acc_new`) are not among them, as they are
+    not in `acc`."""
     frames = []
     for run in runs.itertuples():
         clients = pd.read_csv(Path(run.run_dir) / "clients.csv")
@@ -57,6 +58,8 @@ def final_clients(runs: pd.DataFrame, suffix: str = "") -> pd.DataFrame:
         if column not in clients:
             continue
         last = clients[clients["round"] == clients["round"].max()]
+        if "holdout" in last:
+            last = last[~last["holdout"].astype(bool)]
         frames.append(pd.DataFrame({
             **{key: getattr(run, key) for key in (*CELL, *ENTRY, "seed")},
             "client": last["client"].to_numpy(), "n": last["n_test"].to_numpy(),
