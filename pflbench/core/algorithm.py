@@ -12,7 +12,10 @@ Per round, for each sampled client ``cid``:
 
 then the server builds the next global state, and at evaluation ``eval_state(cid, global_state)``
 gives the state that client would use (``eval_model`` the module, for predictors that are not a
-single model state).
+single model state). A client that never trained (``--holdout-clients``) is scored with
+``newcomer_model(cid, global_state)``: the global model unless the method defines what a newcomer
+gets. The clients that train are ``ctx.participants``; an algorithm that loops over "every client"
+(an all-client step, a normalizer N) loops over those.
 
 Aggregation streams: a round's memory is one model plus what the algorithm keeps per client, not
 one upload per sampled client. After ``begin_round`` and before the first client trains,

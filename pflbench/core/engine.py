@@ -43,7 +43,8 @@ def client_schedule(seed: int, num_clients: int, per_round: int, rounds: int,
                     holdout: tuple[int, ...] = ()) -> list[list[int]]:
     """The sampled clients of every round, drawn from one seeded stream independent of the
     algorithm, among the clients that train (holdout clients are never sampled)."""
-    pool = np.array([c for c in range(num_clients) if c not in set(holdout)])
+    held = set(holdout)
+    pool = np.array([c for c in range(num_clients) if c not in held])
     if per_round >= len(pool):
         return [pool.tolist() for _ in range(rounds)]
     rng = np.random.default_rng([seed, 0x5A3D])
@@ -84,7 +85,7 @@ class Engine:
         self.trainer = Trainer(data, self.clients, config.seed, config.batch_size, config.lr,
                                config.momentum, config.weight_decay)
         self.holdout = holdout_clients(config.holdout_clients, len(splits), config.seed)
-        participants = tuple(c for c in range(len(splits)) if c not in set(self.holdout))
+        participants = tuple(sorted(set(range(len(splits))) - set(self.holdout)))
         ctx = Context(config=config, model=model, trainer=self.trainer, clients=self.clients,
                       device=device, num_classes=data.num_classes, participants=participants)
         self.algo = algorithm_cls(ctx, hyperparams)
