@@ -17,6 +17,7 @@ Global mean (as in both references' server): computed once, in an initialization
 round 1, and fixed for the whole run. Every client (not only a sample) trains `local_epochs` of
 plain cross-entropy SGD (no PRBM, no MR) from the initial global model, tracking r as above; it
 sends its final r; the server's g is the sample-weighted mean of them, sent back to every client.
+(Holdout clients, `--holdout-clients`, take no part: they never train.)
 The models trained in that period are thrown away (the references' first round overwrites them
 with the global model); its batches come from their own stream ("feddbe-init"). With
 `kl_weight = 0` nothing uses g, so the period is skipped (no traffic, no compute).
@@ -165,15 +166,16 @@ class FedDBE(Algorithm):
         return running["mean"]
 
     def initialize(self) -> None:
-        """Every client trains once from the initial model and sends its running mean; the global
-        mean is their sample-weighted mean, sent back to every client."""
+        """Every client that trains (holdout clients never do) trains once from the initial model
+        and sends its running mean; the global mean is their sample-weighted mean, sent back."""
         clients, model = self.ctx.clients, self.ctx.model
-        total = sum(c.n_train for c in clients)
+        members = self.ctx.participants
+        total = sum(clients[cid].n_train for cid in members)
         mean = torch.zeros(self.dim, device=self.ctx.device)
         vector_bytes = self.dim * mean.element_size()
         with precision_context(self.ctx.config.precision, self.ctx.device):
-            for cid, client in enumerate(clients):
-                mean += self.init_running_mean(cid, model) * (client.n_train / total)
+            for cid in members:
+                mean += self.init_running_mean(cid, model) * (clients[cid].n_train / total)
                 self.ctx.count_traffic(down=nbytes(self.initial) + vector_bytes, up=vector_bytes)
         self.global_mean = mean
         self.initial = None
