@@ -308,6 +308,11 @@ def test_report_shows_newcomer_figures_and_the_measured_skew_beside_the_cell(tmp
     from pflbench.analysis.statistics import final_clients
 
     rows = final_clients(load_runs(results))
+    assert (board["acc_new_ci_low"] <= board["acc_new"]).all() and (board["acc_new"] <= board["acc_new_ci_high"]).all()
+    newcomers = final_clients(load_runs(results), newcomers=True)
+    assert len(newcomers) == 2 * 2
+    assert (newcomers.groupby("algo")["correct"].sum() * 100 / newcomers.groupby("algo")["n"].sum()).to_dict() == \
+        pytest.approx(board.set_index("algo")["acc_new"].to_dict(), abs=1e-3)
     pooled = rows.groupby("algo")["correct"].sum() * 100 / rows.groupby("algo")["n"].sum()
     assert len(rows) == 2 * 6
     assert pooled.to_dict() == pytest.approx(board.set_index("algo")["acc"].to_dict(), abs=1e-3)

@@ -192,7 +192,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 DETAIL = ["algo", "seeds", "acc", "acc_ci_low", "acc_ci_high", "acc_std", "rank", "tied_best", "diff_vs_best",
           "p_vs_best", "p_vs_fedavg", "p_vs_local", "acc_client_mean", "acc_client_p10", "best_acc", "acc_ft",
-          "acc_new", "acc_new_ft", "participation_gap", "comm_mb", "grad_evals_vs_fedavg", "eval_adapt"]
+          "acc_new", "acc_new_ci_low", "acc_new_ci_high", "acc_new_ft", "participation_gap", "comm_mb", "grad_evals_vs_fedavg", "eval_adapt"]
 
 HOW_TO_READ = (
     "How to read this page. `acc` is pooled accuracy (correct / test samples over all clients) at the final "

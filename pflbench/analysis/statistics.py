@@ -46,11 +46,11 @@ SEED = 20260  # fixed: the same records always give the same intervals and p-val
 
 
 # -- per-client counts ------------------------------------------------------------------------------
-def final_clients(runs: pd.DataFrame, suffix: str = "") -> pd.DataFrame:
+def final_clients(runs: pd.DataFrame, suffix: str = "", newcomers: bool = False) -> pd.DataFrame:
     """One row per (run, client) at the run's final evaluation: the cell, the entry, the seed, the
     client, `n` (test samples) and `correct` (`correct_ft` when suffix="_ft"; runs without it are
-    left out). Holdout clients (they never trained; see `acc_new`) are not among them, as they are
-    not in `acc`."""
+    left out). The clients that trained, as in `acc`; with `newcomers`, the holdout clients
+    instead (they never trained: `acc_new`), and runs without any are left out."""
     frames = []
     for run in runs.itertuples():
         clients = pd.read_csv(Path(run.run_dir) / "clients.csv")
@@ -58,8 +58,10 @@ def final_clients(runs: pd.DataFrame, suffix: str = "") -> pd.DataFrame:
         if column not in clients:
             continue
         last = clients[clients["round"] == clients["round"].max()]
-        if "holdout" in last:
-            last = last[~last["holdout"].astype(bool)]
+        held = last["holdout"].astype(bool) if "holdout" in last else pd.Series(False, index=last.index)
+        last = last[held] if newcomers else last[~held]
+        if last.empty:
+            continue
         frames.append(pd.DataFrame({
             **{key: getattr(run, key) for key in (*CELL, *ENTRY, "seed")},
             "client": last["client"].to_numpy(), "n": last["n_test"].to_numpy(),
@@ -243,7 +245,8 @@ def _is(rows: pd.DataFrame, key: tuple[str, str]) -> pd.Series:
 
 
 def leaderboard_statistics(runs: pd.DataFrame) -> pd.DataFrame:
-    """`cell_statistics` for every cell of the ok runs, plus `acc_ft` intervals where present."""
+    """`cell_statistics` for every cell of the ok runs, plus intervals for `acc_ft`, and for the
+    newcomers' `acc_new` and `acc_new_ft` (holdout clients), where present."""
     ok = runs[runs["status"] == "ok"] if len(runs) else runs
     if ok.empty:
         return pd.DataFrame(columns=[*CELL, *ENTRY])
@@ -252,11 +255,13 @@ def leaderboard_statistics(runs: pd.DataFrame) -> pd.DataFrame:
     for cell, part in rows.groupby(CELL, sort=True, dropna=False):
         frames.append(cell_statistics(part).assign(**dict(zip(CELL, cell))))
     board = pd.concat(frames, ignore_index=True)
-    ft = final_clients(ok, "_ft")
-    if len(ft):
+    for metric, suffix, newcomers in (("acc_ft", "_ft", False), ("acc_new", "", True), ("acc_new_ft", "_ft", True)):
+        rows = final_clients(ok, suffix, newcomers)
+        if not len(rows):
+            continue
         intervals = [{**dict(zip([*CELL, *ENTRY], key)),
-                      **dict(zip(("acc_ft_ci_low", "acc_ft_ci_high"), bootstrap_interval(Counts.of(part))))}
-                     for key, part in ft.groupby([*CELL, *ENTRY], sort=True, dropna=False)]
+                      **dict(zip((f"{metric}_ci_low", f"{metric}_ci_high"), bootstrap_interval(Counts.of(part))))}
+                     for key, part in rows.groupby([*CELL, *ENTRY], sort=True, dropna=False)]
         board = board.merge(pd.DataFrame(intervals), how="left", on=[*CELL, *ENTRY])
     return board
 
