@@ -80,6 +80,11 @@ Hyperparameters (defaults; "authors" is `experiments/pfedhn/trainer.py`, FL-benc
   inner gradients at 50, which is not reproduced here).
 - `personal_head` (false): pFedHN; true is pFedHN-PC.
 - `chunk_size` (0): 0 = one output head per parameter tensor (authors, FL-bench).
+- `newcomer_epochs` (1): how a client that never trained (`--holdout-clients`) is served. The
+  paper generalizes to novel clients by learning a new client's embedding with the hypernetwork
+  frozen; how long it trains and where the embedding starts are not fixed by either reference's
+  code, so here: from the members' mean embedding, this many epochs of plain SGD at the
+  embeddings' learning rate. 0 tests the model the mean embedding generates.
 
 Search space (`pflbench tune`, beside the run's learning rate): hn_lr in [1e-3, 1e-1], log scale,
 a decade either side of the references' 1e-2.
@@ -106,7 +111,7 @@ from torch.func import functional_call
 from pflbench.core.algorithm import Accumulator, Algorithm, Upload
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
-from pflbench.core.state import State, get_state, subset
+from pflbench.core.state import State, get_state, set_state, subset
 from pflbench.core.training import TrainStats, stream_seed
 
 EMBEDDINGS = "embeddings"  # the clients' embeddings (the `embed_lr` group)
@@ -153,14 +158,20 @@ class HyperNetwork(nn.Module):
 
     def features(self, cid: int) -> torch.Tensor:
         """The MLP's output for client `cid` (one row per chunk when chunked)."""
-        v = self.embeddings[cid]
+        return self.features_of(self.embeddings[cid])
+
+    def features_of(self, v: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for an embedding `v` (a newcomer's, which is not a row of the table)."""
         h = torch.cat([v.expand(self.chunks, -1), self.chunk_embeddings], 1) if self.chunk_size else v
         for i, layer in enumerate(self.mlp):
             h = layer(F.relu(h) if i else h)
         return h
 
     def forward(self, cid: int) -> dict[str, torch.Tensor]:
-        h = self.features(cid)
+        return self.generate_from(self.features(cid))
+
+    def generate_from(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every target tensor from the MLP's output `h`."""
         if self.chunk_size:
             flat = self.heads[0](h).reshape(-1)[:sum(self.numels)]
             parts = flat.split(self.numels)
@@ -189,6 +200,7 @@ class PFedHN(Algorithm):
         inner_steps: int = 0
         personal_head: bool = False
         chunk_size: int = 0
+        newcomer_epochs: int = 1
 
         def __post_init__(self):
             if self.embed_dim < 1 and self.embed_dim != -1:
@@ -213,6 +225,8 @@ class PFedHN(Algorithm):
                 raise ValueError(f"inner_steps must be >= 0 (0 = local epochs) (got {self.inner_steps})")
             if self.chunk_size < 0:
                 raise ValueError(f"chunk_size must be >= 0 (0 = one head per tensor) (got {self.chunk_size})")
+            if self.newcomer_epochs < 0:
+                raise ValueError(f"newcomer_epochs must be >= 0 (got {self.newcomer_epochs})")
 
     @classmethod
     def describe_client_state(cls, hp: Any) -> str:
@@ -354,6 +368,39 @@ class PFedHN(Algorithm):
 
     def eval_state(self, cid: int, global_state: State) -> State:
         return {**global_state, **self.generate(cid), **self.kept.get(cid, self.initial_local)}
+
+    def newcomer_model(self, cid: int, global_state: State) -> nn.Module:
+        """A client that never trained learns an embedding of its own with the hypernetwork frozen,
+        the paper's way to serve novel clients: it starts from the members' mean embedding and
+        takes `newcomer_epochs` of plain SGD (learning rate: the embeddings') on its training data
+        through the generated model, then is tested with the model its embedding generates. Test-
+        time work, counted in `eval_grad_evals`; the hypernetwork and the members' embeddings do
+        not change."""
+        model, trainer = self.ctx.model, self.ctx.trainer
+        members = list(self.ctx.participants)
+        local = self.kept.get(cid, self.initial_local)
+        set_state(model, {**global_state, **local})
+        v = self.hn.embeddings.detach()[members].mean(0).clone().requires_grad_(True)
+        opt = torch.optim.SGD([v], lr=self.optimizer.param_groups[1]["lr"])
+        model.train()
+        frozen = [p for p in self.hn.parameters() if p.requires_grad]
+        for p in frozen:  # only v learns: no gradient is computed for the hypernetwork's weights
+            p.requires_grad_(False)
+        try:
+            with torch.autocast(self.ctx.device.type, enabled=False):
+                for x, y in trainer.batches(cid, self.hp.newcomer_epochs, 0, purpose="pfedhn-newcomer"):
+                    opt.zero_grad(set_to_none=True)
+                    theta = self.hn.generate_from(self.hn.features_of(v))
+                    F.cross_entropy(functional_call(model, theta, (x,)), y).backward()
+                    opt.step()
+                    trainer.count_grads(len(y))
+                with torch.no_grad():
+                    theta = self.hn.generate_from(self.hn.features_of(v))
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        set_state(model, {**global_state, **theta, **local})
+        return model
 
     def summary(self) -> dict[str, Any]:
         return {"pfedhn_hn_params": sum(p.numel() for p in self.hn.parameters())}

@@ -190,6 +190,34 @@ def test_pfedhn_evaluation_is_read_only():
     assert all(torch.equal(a, b) for a, b in zip(params, engine.algo.hn.parameters()))
 
 
+def test_pfedhn_newcomer_learns_only_its_own_embedding():
+    """A holdout client starts from the members' mean embedding and trains it alone: with 0
+    epochs it is tested with the model that mean generates; with 1 the hypernetwork and every
+    member's embedding stay as they were, the work is one epoch of its samples, and the evaluation
+    is repeatable."""
+    engine = make_engine(small_config(algo="pfedhn", clients=6, holdout_clients=0.34, rounds=1), newcomer_epochs=0)
+    engine.run()
+    algo, cid = engine.algo, engine.holdout[0]
+    members = list(engine.algo.ctx.participants)
+    with torch.no_grad():
+        mean = algo.hn.generate_from(algo.hn.features_of(algo.hn.embeddings[members].mean(0)))
+    state = get_state(algo.newcomer_model(cid, engine.global_state))
+    assert all(torch.allclose(state[k], mean[k]) for k in mean)
+
+    engine = make_engine(small_config(algo="pfedhn", clients=6, holdout_clients=0.34, rounds=1), newcomer_epochs=1)
+    engine.run()
+    algo = engine.algo
+    params = [p.detach().clone() for p in algo.hn.parameters()]
+    before = engine.trainer.grad_evals
+    rows = engine.evaluate(2)
+    assert engine.trainer.grad_evals - before == sum(engine.clients[c].n_train for c in engine.holdout)
+    assert all(torch.equal(a, b) for a, b in zip(params, algo.hn.parameters()))
+    assert all(p.grad is None for p in algo.hn.parameters())
+    assert engine.evaluate(2) == rows
+    generated = get_state(algo.newcomer_model(engine.holdout[0], engine.global_state))
+    assert not all(torch.allclose(generated[k], mean[k]) for k in mean)  # it moved away from the mean
+
+
 # -- pFedLA ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("normalize", ["relu", "softmax"])
