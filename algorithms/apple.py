@@ -136,6 +136,7 @@ class APPLE(Algorithm):
     citation = "Luo and Wu, IJCAI 2022"
     client_state = ("its core model (server side, read by every client) and its DR vector p_i "
                     "(one float per client, client side)")
+    newcomer = "the p0 combination of the members' core models"
     eval_adapt = "none (tested with sum_j p_ij theta_j over the current core models, no training)"
 
     @dataclass

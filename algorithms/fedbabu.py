@@ -25,6 +25,7 @@ from pflbench.core.training import TrainStats
 class FedBABU(Algorithm):
     description = "Head frozen at init while the body is federated; clients fine-tune before testing."
     citation = "Oh et al., ICLR 2022"
+    newcomer = "the global model with its head fine-tuned on its data (as every client at test time)"
     eval_adapt = "fine-tune {finetune_epochs} epochs (whole model, from the global one)"
 
     @dataclass

@@ -86,6 +86,7 @@ class FedRoD(Algorithm):
     description = "Body + generic head (balanced softmax) shared; a personal residual head per client."
     citation = "Chen and Chao, ICLR 2022"
     client_state = "a personal head"
+    newcomer = "the global body and generic head (its personal head starts at zero)"
     eval_adapt = "sum of the global head's and the client's personal head's logits (no training)"
 
     @dataclass

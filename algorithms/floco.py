@@ -300,6 +300,7 @@ class Floco(Algorithm):
     description = "Last layer as a simplex of M endpoints; each client trains in an L1 ball around its center."
     citation = "Grinwald et al., NeurIPS 2024"
     client_state = "its subregion center on the simplex"
+    newcomer = "the global model at a simplex point placed from its gradient signal"
     eval_adapt = ("the client's subregion center on the simplex (the barycenter before the assignment; "
                   "no training)")
 

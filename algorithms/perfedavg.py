@@ -95,6 +95,7 @@ EVAL_STREAM = "perfedavg-eval"
 class PerFedAvg(Algorithm):
     description = "MAML-style FedAvg: the global model is trained to be good after one local step."
     citation = "Fallah et al., NeurIPS 2020"
+    newcomer = "the global model after the adaptation step every client takes at test time"
     eval_adapt = ("{eval_steps} gradient step(s) (alpha={alpha}) from the global model, each on its own "
                   "fixed training batch")
     eval_adapt_epoch = ("one epoch of the run's SGD (lr, momentum, weight decay) from the global model on the "

@@ -125,6 +125,7 @@ class GaussianHead(nn.Module):
 class PFedFDA(Algorithm):
     description = "Body trained under a global Gaussian (LDA) head; clients interpolate local and global feature statistics."
     citation = "McLaughlin and Su, NeurIPS 2024"
+    newcomer = "the global body and statistics interpolated with estimates from its data"
     eval_adapt = "Gaussian statistics refit on the client's training features, interpolated with the global ones"
 
     @dataclass

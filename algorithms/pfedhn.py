@@ -184,6 +184,7 @@ class HyperNetwork(nn.Module):
 class PFedHN(Algorithm):
     description = "A server-side hypernetwork generates each client's model from a learned client embedding."
     citation = "Shamsian et al., ICML 2021"
+    newcomer = "the model generated from an embedding it learns with the hypernetwork frozen"
     eval_adapt = "none (the model the hypernetwork generates from the client's embedding)"
 
     @dataclass

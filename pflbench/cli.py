@@ -286,6 +286,7 @@ def list_(
         typer.echo(f"  {name:<12} {cls.description} [{cls.citation}]")
         typer.echo(f"  {'':<12}   test-time adaptation: {cls.describe_eval_adaptation(cls.Hyperparams())}")
         typer.echo(f"  {'':<12}   kept per client: {cls.describe_client_state(cls.Hyperparams())}")
+        typer.echo(f"  {'':<12}   a newcomer gets: {cls.newcomer}")
         spaces = search_space(cls.Hyperparams)
         for key, value in hyperparam_defaults(cls).items():
             searched = f"   tune: {spaces[key].describe()}" if key in spaces else ""

@@ -329,3 +329,15 @@ def test_run_prints_how_newcomers_fare(tmp_path):
     assert out.exit_code == 0, out.output
     summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
     assert f"newcomers {summary['acc_new']:.2f}%, after fine-tuning {summary['acc_new_ft']:.2f}%" in out.output
+
+
+def test_an_algorithm_says_what_a_newcomer_gets_exactly_when_it_overrides_the_rule():
+    """`pflbench list` shows `newcomer`: an algorithm with its own `newcomer_model` must describe
+    it, and one without it must not claim a rule of its own."""
+    from pflbench.core.algorithm import Algorithm
+    from pflbench.core.registry import ALGORITHMS
+
+    for name in registered_algorithms():
+        cls = ALGORITHMS[name]
+        overrides = cls.newcomer_model is not Algorithm.newcomer_model
+        assert overrides == (cls.newcomer != Algorithm.newcomer), name

@@ -133,6 +133,7 @@ class Algorithm:
     eval_adapt: ClassVar[str] = "none"
     client_state: ClassVar[str] = ""
     model_needs: ClassVar[str | None] = None  # "batchnorm": `--model auto` picks a BatchNorm model
+    newcomer: ClassVar[str] = "the global model"  # what `newcomer_model` gives a holdout client
 
     def __init__(self, ctx: Context, hp: Any):
         self.ctx = ctx
