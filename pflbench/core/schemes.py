@@ -56,6 +56,19 @@ def _deal_by_class(by_class: list[np.ndarray], holders: list[np.ndarray], spec: 
     return dealt, int(sizes.min())
 
 
+def _deal_until_large_enough(by_class: list[np.ndarray], holders: list[np.ndarray], spec: "PartitionSpec",
+                             rng: np.random.Generator, total: int, what: str, advice: str) -> list[np.ndarray]:
+    """`_deal_by_class` until every client has `min_samples` samples, at most MAX_DIRICHLET_TRIES
+    times; then a UserError naming `what` was drawn and the `advice`."""
+    smallest = 0
+    for _ in range(MAX_DIRICHLET_TRIES):
+        dealt, smallest = _deal_by_class(by_class, holders, spec, rng, total)
+        if smallest >= spec.min_samples:
+            return dealt
+    raise UserError(f"{what} left a client with {smallest} < --min-samples {spec.min_samples} samples "
+                    f"after {MAX_DIRICHLET_TRIES} tries; {advice}")
+
+
 def _by_class(labels: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(labels == c) for c in np.unique(labels)]
 
@@ -65,14 +78,9 @@ def dirichlet(labels: np.ndarray, spec: "PartitionSpec", rng: np.random.Generato
     at least `min_samples` samples."""
     by_class = _by_class(labels)
     everyone = [np.arange(spec.num_clients)] * len(by_class)
-    smallest = 0
-    for _ in range(MAX_DIRICHLET_TRIES):
-        dealt, smallest = _deal_by_class(by_class, everyone, spec, rng, len(labels))
-        if smallest >= spec.min_samples:
-            return dealt
-    raise UserError(f"Dirichlet(alpha={spec.alpha}) over {spec.num_clients} clients left a client with "
-                    f"{smallest} < --min-samples {spec.min_samples} samples after {MAX_DIRICHLET_TRIES} "
-                    "tries; use a larger --alpha, fewer --clients or a smaller --min-samples")
+    return _deal_until_large_enough(by_class, everyone, spec, rng, len(labels),
+                                    f"Dirichlet(alpha={spec.alpha}) over {spec.num_clients} clients",
+                                    "use a larger --alpha, fewer --clients or a smaller --min-samples")
 
 
 def exdir(labels: np.ndarray, spec: "PartitionSpec", rng: np.random.Generator) -> list[np.ndarray]:
@@ -95,14 +103,10 @@ def exdir(labels: np.ndarray, spec: "PartitionSpec", rng: np.random.Generator) -
         raise UserError(f"exdir could not give every class {need} of {spec.num_clients} clients with "
                         f"--classes-per-client {c} in {MAX_DIRICHLET_TRIES} tries; use more clients or "
                         "a larger --classes-per-client")
-    smallest = 0
-    for _ in range(MAX_DIRICHLET_TRIES):
-        dealt, smallest = _deal_by_class(by_class, holders, spec, rng, len(labels))
-        if smallest >= spec.min_samples:
-            return dealt
-    raise UserError(f"exdir(alpha={spec.alpha}, {c} classes per client) left a client with {smallest} "
-                    f"< --min-samples {spec.min_samples} samples after {MAX_DIRICHLET_TRIES} tries; use "
-                    "a larger --alpha or --classes-per-client, fewer --clients or a smaller --min-samples")
+    return _deal_until_large_enough(by_class, holders, spec, rng, len(labels),
+                                    f"exdir(alpha={spec.alpha}, {c} classes per client)",
+                                    "use a larger --alpha or --classes-per-client, fewer --clients or a "
+                                    "smaller --min-samples")
 
 
 def shards(labels: np.ndarray, spec: "PartitionSpec", rng: np.random.Generator) -> list[np.ndarray]:
