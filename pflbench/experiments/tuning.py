@@ -12,9 +12,9 @@ Fairness and reproducibility:
   defaults (enqueued), so the report can say how far tuning moved from them.
 - The sampler is TPE, seeded per trial from the study's name and the trial's number and rebuilt
   before each trial: a trial's parameters are a function of the finished trials before it, not
-  of how many processes ran or were killed. The first `STARTUP_TRIALS` trials (the default
+  of how many processes ran or were killed. The first `studies.STARTUP_TRIALS` trials (the default
   included) are drawn at random, as TPE needs a few points before it models anything.
-- Studies live in SQLite under `<results>/tuning/` (Optuna's RDB storage) and their run records
+- Studies live in SQLite under `<results>/tuning/` (:mod:`pflbench.experiments.studies`) and their run records
   under `<results>/tuning/runs/`: a `tune` killed at any moment resumes the trial it was running
   (same parameters; its finished runs are not repeated) and never repeats a finished trial.
 - A study asks one trial at a time, so its sequence does not depend on the worker count; the
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,19 +35,16 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from pflbench.atomic import write_text
 from pflbench.core.registry import get_algorithm, resolve_hyperparams
 from pflbench.core.search import Real, Space, override, search_space
-from pflbench.core.training import stream_seed
 from pflbench.errors import UserError
 from pflbench.experiments.config import RunConfig, protocol_key, resolved_settings
 from pflbench.experiments.executors import Cell, make_executor
 from pflbench.experiments.records import read_summary, remove_stale_staging, run_dir, write_run
+from pflbench.experiments.studies import (TUNING, import_optuna, finished, load_study, open_storage, optuna_attrs,
+                                         sampler_for, study_rows, write_tables)
 
-TUNING = "tuning"
-DATABASE = "studies.db"
 LR = "lr"
-STARTUP_TRIALS = 4
 DEFAULT_VAL_RATIO = 0.1
 DEFAULT_TUNE_SEEDS = (1000,)
 LR_SPACE_NOTE = "log scale, a decade either side of the grid's --lr"
@@ -187,60 +183,6 @@ def plan_hp_keys(algo: str, overrides: dict[str, str]) -> set[str]:
     return keys
 
 
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise UserError("tuning needs Optuna: pip install optuna") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
-    return optuna
-
-
-def storage_path(results: Path) -> Path:
-    return Path(results) / TUNING / DATABASE
-
-
-def open_storage(results: Path, create: bool = True) -> Any:
-    optuna = _optuna()
-    path = storage_path(results)
-    if not create and not path.exists():
-        raise UserError(f"no tuning studies in {path.parent}; run `pflbench tune` first (same --results)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}")
-
-
-def sampler_for(study_name: str, number: int) -> Any:
-    """TPE seeded by (study, trial number): a trial's draw depends only on the trials before it."""
-    optuna = _optuna()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return optuna.samplers.TPESampler(seed=stream_seed("tune", study_name, number) % 2**32,
-                                          n_startup_trials=STARTUP_TRIALS)
-
-
-def load_study(storage: Any, spec: StudySpec, budget: int) -> Any:
-    """The spec's study, created (with the defaults enqueued as trial 0) where new; its recorded
-    budget is the largest asked for so far."""
-    optuna = _optuna()
-    study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", load_if_exists=True)
-    if not study.user_attrs:
-        for key, value in spec.attrs().items():
-            study.set_user_attr(key, value)
-    if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(spec.default_params(), user_attrs={"default": True})
-    if budget > study.user_attrs.get("budget", 0):
-        study.set_user_attr("budget", budget)
-    return study
-
-
-def finished(trials: list[Any]) -> list[Any]:
-    """The trials that count against the budget, in order: complete or failed."""
-    from optuna.trial import TrialState
-
-    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-
-
 @dataclass
 class PendingTrial:
     study: Any
@@ -254,7 +196,7 @@ class PendingTrial:
 def next_trial(study: Any, spec: StudySpec, budget: int) -> PendingTrial | None:
     """The trial a killed `tune` left running (same parameters), else a new one; None when the
     study has its budget."""
-    optuna = _optuna()
+    optuna = import_optuna()
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -342,49 +284,6 @@ def run_tuning(plan: Any, budget: int, tune_seeds: Iterable[int], val_ratio: flo
     return write_tables(results)
 
 
-def study_rows(storage: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(one row per study: its choice; one row per trial) for every study in the storage."""
-    optuna = _optuna()
-    from optuna.trial import TrialState
-
-    chosen, trials_out = [], []
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        attrs = study.user_attrs
-        budget = int(attrs.get("budget", 0))
-        done = finished(study.get_trials(deepcopy=False))
-        counted = done[:budget]
-        key = {"study": summary.study_name, "algo": attrs.get("algo"), "dataset": attrs.get("dataset"),
-               "partition": attrs.get("partition"), "alpha": attrs.get("alpha")}
-        for t in done:
-            trials_out.append({**key, "trial": t.number, "state": t.state.name, "objective": t.value,
-                               "default": bool(t.user_attrs.get("default", False)), "counted": t in counted,
-                               "values": json.dumps(t.user_attrs.get("values", {}), sort_keys=True),
-                               "error": t.user_attrs.get("error", "")})
-        complete = [t for t in counted if t.state == TrialState.COMPLETE]
-        best = max(complete, key=lambda t: t.value, default=None)  # max keeps the earliest of equals
-        default = next((t for t in counted if t.user_attrs.get("default")), None)
-        chosen.append({**key, "protocol": attrs.get("protocol"), "budget": budget, "finished": len(counted),
-                       "failed": sum(t.state == TrialState.FAIL for t in counted),
-                       "tune_seeds": json.dumps(attrs.get("tune_seeds", [])), "val_ratio": attrs.get("val_ratio"),
-                       "objective": best.value if best else None,
-                       "default_objective": default.value if default else None,
-                       "chosen": json.dumps(best.user_attrs.get("values", {}), sort_keys=True) if best else "",
-                       "best_trial": best.number if best else None,
-                       "spaces": json.dumps(attrs.get("spaces", {}), sort_keys=True)})
-    return chosen, trials_out
-
-
-def write_tables(results: Path) -> pd.DataFrame:
-    """`tuning/chosen.csv` and `tuning/trials.csv`, readable without Optuna (the report's input)."""
-    chosen, trials = study_rows(open_storage(results, create=False))
-    chosen_df = pd.DataFrame(chosen).sort_values(["dataset", "alpha", "algo"]) if chosen else pd.DataFrame()
-    root = Path(results) / TUNING
-    write_text(root / "chosen.csv", chosen_df.to_csv(index=False, float_format="%.6g"))
-    write_text(root / "trials.csv", pd.DataFrame(trials).to_csv(index=False, float_format="%.6g"))
-    return chosen_df
-
-
 def tuned_configs(plan: Any, results: Path) -> list[RunConfig]:
     """The sweep's cells with each algorithm's chosen hyperparameters: the study of the same
     algorithm, dataset, partition, alpha and protocol, complete at its budget; the sweep's seeds
@@ -429,7 +328,3 @@ def tuned_configs(plan: Any, results: Path) -> list[RunConfig]:
                 configs += [RunConfig(algo=algo, dataset=dataset, alpha=alpha, seed=s, hp=resolved, **final)
                             for s in plan.seeds]
     return configs
-
-
-def optuna_attrs(storage: Any, study_name: str) -> dict[str, Any]:
-    return _optuna().load_study(study_name=study_name, storage=storage).user_attrs
