@@ -43,11 +43,12 @@ def eval_every_warnings(settings: dict[str, Any]) -> list[str]:
     return [f"--eval-every {every} > --rounds {rounds}: only the last round is evaluated"] if every > rounds else []
 
 
-def resolve_workers(workers: int | None) -> int:
+def resolve_workers(workers: int | None, threads: int | None = None) -> int:
     """`workers` as given, checked before anything starts, or half the CPUs when None
-    (0 is a mistake, not a request for the default)."""
-    from pflbench.experiments.executors import check_workers, default_workers
+    (0 is a mistake, not a request for the default); `threads` per run is checked here too."""
+    from pflbench.experiments.executors import check_workers, default_workers, threads_per_run
 
+    threads_per_run(1, threads)
     if workers is None:
         return default_workers()
     check_workers(workers)
@@ -129,7 +130,8 @@ def sweep_outcome(algos: str | list[str] | None = None, *, datasets: list[str] |
                   results: PathLike = "results", reports: PathLike | None = "reports",
                   data_root: PathLike | None = None, workers: int | None = 1, executor: str = "local",
                   ray_address: str | None = None, device: str = "auto", plugins: Iterable[PathLike] = (),
-                  retry_failed: bool = False, tuned: bool = False, gpus_per_run: float | None = None, on_start: Callable[[int, int], None] | None = None,
+                  retry_failed: bool = False, tuned: bool = False, gpus_per_run: float | None = None,
+                  threads: int | None = None, on_start: Callable[[int, int], None] | None = None,
                   on_record: Callable[[Any], None] | None = None, on_warning: WarnFn | None = None,
                   **settings: Any) -> SweepResult:
     """`sweep`, returning the outcome (cells trained, skipped, failed) with the leaderboard."""
@@ -137,7 +139,7 @@ def sweep_outcome(algos: str | list[str] | None = None, *, datasets: list[str] |
     from pflbench.analysis.report import build_report
     from pflbench.experiments.sweep import build_plan, run_sweep
 
-    workers = resolve_workers(workers)
+    workers = resolve_workers(workers, threads)
     plugins = [str(p) for p in plugins]
     for message in load_algorithms(plugins):
         (on_warning or _python_warning)(message)
@@ -156,7 +158,7 @@ def sweep_outcome(algos: str | list[str] | None = None, *, datasets: list[str] |
 
         tuned_configs(plan, results)
     outcome = run_sweep(plan, results, resolve_data_root(data_root), executor, workers, device, plugins,
-                        retry_failed, ray_address, tuned, gpus_per_run, on_start=on_start, on_record=on_record)
+                        retry_failed, ray_address, tuned, gpus_per_run, threads, on_start=on_start, on_record=on_record)
     page = build_report(results, Path(reports)) if reports is not None else None
     board = long_leaderboard(load_runs(results))
     if page is None:
@@ -176,7 +178,8 @@ def sweep(algos: str | list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
     the leaderboards (and the report, unless `reports=None`) and return the long leaderboard.
     Keywords: datasets, alphas, seeds, preset, config (a TOML path), hp (`{KEY or ALGO.KEY:
     value}`), results, reports, data_root, workers (default 1), executor, ray_address, gpus_per_run
-    (Ray on CUDA: the GPU share of each run, default 1 / workers), device, plugins, retry_failed, tuned, and any run setting (`rounds=5`, `clients=20`, ...)."""
+    (Ray on CUDA: the GPU share of each run, default 1 / workers), threads (torch threads per run,
+    default CPUs / workers), device, plugins, retry_failed, tuned, and any run setting (`rounds=5`, `clients=20`, ...)."""
     return sweep_outcome(algos, **kwargs).board
 
 
@@ -185,14 +188,14 @@ def tune(budget: int, algos: str | list[str] | None = None, *, tune_seeds: Itera
          preset: str | None = None, config: PathLike | None = None, hp: dict[str, Any] | None = None,
          results: PathLike = "results", data_root: PathLike | None = None, workers: int | None = 1,
          executor: str = "local", ray_address: str | None = None, device: str = "auto",
-         plugins: Iterable[PathLike] = (), gpus_per_run: float | None = None,
+         plugins: Iterable[PathLike] = (), gpus_per_run: float | None = None, threads: int | None = None,
          on_trial: Callable[..., None] | None = None, on_warning: WarnFn | None = None, **settings: Any) -> pd.DataFrame:
     """Tune every algorithm of the grid with `budget` trials on validation data (see
     `pflbench tune`); returns one row per study with its chosen values."""
     from pflbench.experiments.sweep import build_plan
     from pflbench.experiments.tuning import run_tuning
 
-    workers = resolve_workers(workers)
+    workers = resolve_workers(workers, threads)
     plugins = [str(p) for p in plugins]
     for message in load_algorithms(plugins):
         (on_warning or _python_warning)(message)
@@ -204,7 +207,7 @@ def tune(budget: int, algos: str | list[str] | None = None, *, tune_seeds: Itera
     for message in eval_every_warnings(resolved_settings(plan.settings)):
         (on_warning or _python_warning)(message)
     return run_tuning(plan, budget, tune_seeds, val_ratio, Path(results), resolve_data_root(data_root), executor,
-                      workers, device, plugins, ray_address, gpus_per_run, on_trial=on_trial)
+                      workers, device, plugins, ray_address, gpus_per_run, threads, on_trial=on_trial)
 
 
 def _stored_runs(results: PathLike) -> pd.DataFrame:

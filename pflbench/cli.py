@@ -148,6 +148,8 @@ def sweep(
     hp: Optional[List[str]] = typer.Option(None, help="KEY=VALUE for every algorithm that has KEY, or ALGO.KEY=VALUE."),
     plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms (repeatable)."),
     workers: Optional[int] = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1]."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per run [default: CPUs / workers]; e.g. 1 to leave "
+                                          "cores free for other work."),
     executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
     gpus_per_run: Optional[float] = typer.Option(None, help="With --executor ray on CUDA: the GPU share each run "
@@ -169,7 +171,7 @@ def sweep(
                                  preset=preset, config=config, hp=hp or [], results=results, reports=reports,
                                  data_root=data_root_, workers=workers, executor=executor, ray_address=ray_address,
                                  device=device, plugins=plugin or (), retry_failed=retry_failed, tuned=tuned,
-                                 gpus_per_run=gpus_per_run,
+                                 gpus_per_run=gpus_per_run, threads=threads,
                                  on_start=progress.start, on_record=progress.record, on_warning=warn_one,
                                  **given(flags))
     outcome, page = done.outcome, done.report
@@ -199,6 +201,8 @@ def tune(
     hp: Optional[List[str]] = typer.Option(None, help="KEY=VALUE fixed for every trial (then not searched)."),
     plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms (repeatable)."),
     workers: Optional[int] = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1]."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per run [default: CPUs / workers]; e.g. 1 to leave "
+                                          "cores free for other work."),
     executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
     gpus_per_run: Optional[float] = typer.Option(None, help="With --executor ray on CUDA: the GPU share each run "
@@ -224,7 +228,8 @@ def tune(
                       val_ratio=DEFAULT_VAL_RATIO if val_ratio is None else val_ratio, datasets=datasets or None,
                       alphas=alpha or None, preset=preset, config=config, hp=hp or [], results=results,
                       data_root=data_root_, workers=workers, executor=executor, ray_address=ray_address,
-                      device=device, plugins=plugin or (), gpus_per_run=gpus_per_run, on_trial=report_trial,
+                      device=device, plugins=plugin or (), gpus_per_run=gpus_per_run, threads=threads,
+                      on_trial=report_trial,
                       on_warning=warn_one,
                       **given(flags))
     typer.echo(f"{len(chosen)} stud(ies) at budget {budget}; choices in {results / 'tuning' / 'chosen.csv'}")

@@ -127,6 +127,14 @@ def test_workers_below_one_is_one_line_before_anything_starts(tmp_path, command,
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("command", [["sweep"], ["tune", "--budget", "1"]])
+def test_threads_below_one_is_one_line_before_anything_starts(tmp_path, command):
+    result = invoke([*command, *TINY_GRID, "--threads", "0", "--results", str(tmp_path / "results")])
+    assert result.stdout == ""
+    one_error_line(result, "--threads must be >= 1 (got 0)")
+    assert not (tmp_path / "results").exists()
+
+
 def test_every_executor_refuses_workers_below_one():
     for make in (lambda: LocalExecutor(0), lambda: RayExecutor(0, None)):
         with pytest.raises(UserError, match="--workers must be >= 1"):

@@ -239,3 +239,21 @@ def test_sweep_cli_default_grid_runs_offline(tmp_path):
 
     assert len(board) == 2 * len(ALGORITHMS)
     assert (tmp_path / "reports" / "README.md").exists()
+
+
+def test_threads_reach_torch_in_each_run(monkeypatch):
+    """`--threads N` is what torch runs with inside every run; without it a run gets the CPUs
+    shared out among the workers (so one worker alone takes every core)."""
+    import torch
+
+    import pflbench.experiments.runner as runner
+    from pflbench.experiments.executors import Cell, LocalExecutor
+
+    monkeypatch.setattr(runner, "compute_run", lambda *args, **kwargs: torch.get_num_threads())
+    cell = Cell(config=None, data_root="", device="cpu", plugins=(), cache_dir="")
+    before = torch.get_num_threads()
+    try:
+        assert list(LocalExecutor(1, threads=3).run([cell])) == [3]
+        assert list(LocalExecutor(1).run([cell])) == [max(1, os.cpu_count() or 1)]
+    finally:
+        torch.set_num_threads(before)

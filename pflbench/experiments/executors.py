@@ -54,19 +54,27 @@ def check_workers(workers: int) -> None:
         raise UserError(f"--workers must be >= 1 (got {workers}); leave it out for half the CPUs")
 
 
-def threads_per_run(workers: int) -> int:
+def threads_per_run(workers: int, threads: int | None = None) -> int:
+    """Torch threads each run gets: `threads` where given (`--threads`), else the CPUs shared out
+    among the workers. Give it when something else needs cores too: by default a single worker
+    takes every CPU, and two sweeps side by side then oversubscribe the machine."""
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1 (got {threads}); leave it out for CPUs / workers")
+        return threads
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 class LocalExecutor:
     """Runs in this process (one worker) or in `workers` spawned processes."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, threads: int | None = None):
         check_workers(workers)
         self.workers = workers
+        self.threads = threads_per_run(workers, threads)
 
     def run(self, cells: Iterable[Cell]) -> Iterator[RunRecord]:
-        threads = threads_per_run(self.workers)
+        threads = self.threads
         cells = [Cell(**{**c.__dict__, "threads": threads}) for c in cells]
         if self.workers == 1:
             yield from map(run_cell, cells)
@@ -106,8 +114,10 @@ class RayExecutor:
     """Each cell is a Ray task (one CPU, and a GPU share on CUDA) on the cluster at `address`, or
     on a local Ray started here."""
 
-    def __init__(self, workers: int, address: str | None, gpus_per_run: float | None = None):
+    def __init__(self, workers: int, address: str | None, gpus_per_run: float | None = None,
+                 threads: int | None = None):
         check_workers(workers)
+        self.threads = threads_per_run(workers, threads)
         ray_task_options("cpu", workers, gpus_per_run)  # a bad share fails before Ray starts
         self.gpus_per_run = gpus_per_run
         try:
@@ -132,8 +142,7 @@ class RayExecutor:
                          object_store_memory=200 * 1024 * 1024)
         try:
             remote = ray.remote(**ray_task_options(cells[0].device, self.workers, self.gpus_per_run))(run_cell)
-            threads = threads_per_run(self.workers)
-            pending = [remote.remote(Cell(**{**c.__dict__, "threads": threads})) for c in cells]
+            pending = [remote.remote(Cell(**{**c.__dict__, "threads": self.threads})) for c in cells]
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 yield ray.get(done[0])
@@ -143,9 +152,9 @@ class RayExecutor:
 
 
 def make_executor(kind: str, workers: int, ray_address: str | None = None,
-                  gpus_per_run: float | None = None) -> LocalExecutor | RayExecutor:
+                  gpus_per_run: float | None = None, threads: int | None = None) -> LocalExecutor | RayExecutor:
     if kind == "local":
-        return LocalExecutor(workers)
+        return LocalExecutor(workers, threads)
     if kind == "ray":
-        return RayExecutor(workers, ray_address, gpus_per_run)
+        return RayExecutor(workers, ray_address, gpus_per_run, threads)
     raise UserError(f"unknown executor '{kind}'; use local or ray")

@@ -193,7 +193,7 @@ class SweepOutcome:
 def run_sweep(plan: SweepPlan, results: Path, data_root: Path, executor: str = "local", workers: int = 1,
               device: str = "auto", plugins: Iterable[str] = (), retry_failed: bool = False,
               ray_address: str | None = None, tuned: bool = False, gpus_per_run: float | None = None,
-              on_start: Callable[[int, int], None] | None = None,
+              threads: int | None = None, on_start: Callable[[int, int], None] | None = None,
               on_record: Callable[[RunRecord], None] | None = None) -> SweepOutcome:
     """Run every cell without a record (and failed ones if `retry_failed`), writing each record
     as it arrives. `tuned`: the cells take each algorithm's hyperparameters chosen by `pflbench
@@ -215,7 +215,7 @@ def run_sweep(plan: SweepPlan, results: Path, data_root: Path, executor: str = "
     cells = [Cell(config=c, data_root=str(data_root), device=device, plugins=tuple(map(str, plugins)),
                   cache_dir=str(cache)) for c in todo]
     ran = []
-    for record in make_executor(executor, workers, ray_address, gpus_per_run).run(cells):
+    for record in make_executor(executor, workers, ray_address, gpus_per_run, threads).run(cells):
         write_run(results, record)
         ran.append(record)
         if on_record:

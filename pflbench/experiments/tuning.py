@@ -253,7 +253,7 @@ def tell(pending: PendingTrial, root: Path) -> float | None:
 def run_tuning(plan: Any, budget: int, tune_seeds: Iterable[int], val_ratio: float, results: Path,
                data_root: Path, executor: str = "local", workers: int = 1, device: str = "auto",
                plugins: Iterable[str] = (), ray_address: str | None = None, gpus_per_run: float | None = None,
-               on_trial: Callable[[PendingTrial, float | None], None] | None = None) -> pd.DataFrame:
+               threads: int | None = None, on_trial: Callable[[PendingTrial, float | None], None] | None = None) -> pd.DataFrame:
     """Bring every study of the plan to `budget` finished trials; returns the choices."""
     from pflbench.experiments.sweep import check_datasets
 
@@ -266,7 +266,7 @@ def run_tuning(plan: Any, budget: int, tune_seeds: Iterable[int], val_ratio: flo
     root = Path(results) / TUNING
     remove_stale_staging(root)
     cache = Path(results) / ".cache" / "partitions"
-    runner = make_executor(executor, workers, ray_address, gpus_per_run)
+    runner = make_executor(executor, workers, ray_address, gpus_per_run, threads)
     while True:
         wave = [p for p in (next_trial(study, spec, budget) for spec, study in studies) if p is not None]
         if not wave:
