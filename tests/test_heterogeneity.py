@@ -300,6 +300,10 @@ def test_report_shows_newcomer_figures_and_the_measured_skew_beside_the_cell(tmp
     page = build_report(results, tmp_path / "reports").read_text()
     assert "### quantity (measured skew: Hellinger" in page and "size CV" in page
     assert "-sigma1-holdout0.25)" in page  # the protocol's name carries the heterogeneity settings
+    # alpha is not a parameter of quantity skew: figures are named and titled by the partition alone
+    figures = sorted(p.name for p in (tmp_path / "reports").glob("intervals_*.png"))
+    assert figures and all(name.endswith("_quantity.png") for name in figures), figures
+    assert "_a0.1" not in page
     board = pd.read_csv(results / "leaderboard.csv")
     assert {"acc_new", "participation_gap", "skew_js", "size_cv"} <= set(board.columns)
     assert np.allclose(board["participation_gap"], board["acc"] - board["acc_new"])

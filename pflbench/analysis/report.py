@@ -23,6 +23,7 @@ from pflbench.atomic import atomic_path, write_text  # noqa: E402
 from pflbench.analysis.leaderboard import (LATER_PROTOCOL_KEYS, SKEW_METRICS, load_runs, long_leaderboard,  # noqa: E402
                                            wide_leaderboard, write_leaderboards)
 from pflbench.analysis.tuning_report import tuning_section  # noqa: E402
+from pflbench.core.schemes import ALPHA_SCHEMES  # noqa: E402
 from pflbench.analysis.statistics import entry_labels, final_clients, rank_test, win_tie_loss  # noqa: E402
 
 MAX_LINES = 8  # accuracy-versus-alpha shows at most this many algorithms (the best by mean rank)
@@ -40,8 +41,20 @@ def _palette(frame: pd.DataFrame) -> list:
     return sns.color_palette("tab20", frame["algo"].nunique())
 
 
-def _alpha_tag(alpha: float) -> str:
-    return f"a{alpha:g}"
+def cell_name(partition: str, alpha: float) -> str:
+    """`alpha=0.1` for label skew, `exdir, alpha=0.1`, or just the partition's name where alpha is
+    not one of its parameters (a quantity-skew cell keeps alpha's default in its identity, which
+    would only mislead in a title or a file name)."""
+    if partition not in ALPHA_SCHEMES:
+        return partition
+    return f"alpha={alpha:g}" if partition == "dirichlet" else f"{partition}, alpha={alpha:g}"
+
+
+def cell_tag(partition: str, alpha: float) -> str:
+    """The cell's part of a figure's file name: `a0.1`, `exdir_a0.1` or `quantity`."""
+    if partition not in ALPHA_SCHEMES:
+        return partition
+    return f"a{alpha:g}" if partition == "dirichlet" else f"{partition}_a{alpha:g}"
 
 
 def accuracy_vs_alpha(board: pd.DataFrame, title: str, path: Path) -> Path:
@@ -226,8 +239,7 @@ def cell_heading(partition: str, alpha: float, cell: pd.DataFrame) -> str:
     """`alpha = 0.1` (or the partition's name where alpha is not its parameter), with the
     partition's measured skew beside it (means over the cell's runs; records that predate the
     measures show none)."""
-    name = f"alpha = {alpha:g}" if partition == "dirichlet" else (
-        f"{partition}, alpha = {alpha:g}" if partition == "exdir" else partition)
+    name = cell_name(partition, alpha).replace("=", " = ")
     present = [m for m in SKEW_METRICS if m in cell and cell[m].notna().any()]
     if not present:
         return name
@@ -273,14 +285,14 @@ def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.D
                                 reports / f"acc_vs_alpha_{tag}.png")
         page += [f"![accuracy versus alpha]({img.name})", ""]
     for (partition, alpha), cell in runs.groupby(["partition", "alpha"]):
-        at = f"{tag}_{_alpha_tag(alpha)}" if partition == "dirichlet" else f"{tag}_{partition}_{_alpha_tag(alpha)}"
+        at, where = f"{tag}_{cell_tag(partition, alpha)}", f"{dataset}, {cell_name(partition, alpha)}"
         detail = board[(board["alpha"] == alpha) & (board["partition"] == partition)]
         columns = [c for c in DETAIL if c in detail] + [c for c in detail if c.startswith(("published_", "best_acc_vs_"))]
         figures = [
-            intervals(detail, f"{dataset}, alpha={alpha:g}: accuracy and 95% intervals", reports / f"intervals_{at}.png"),
-            convergence(cell, f"{dataset}, alpha={alpha:g}: convergence", reports / f"convergence_{at}.png"),
-            client_distribution(cell, f"{dataset}, alpha={alpha:g}: per-client accuracy", reports / f"clients_{at}.png"),
-            label_distribution(Path(cell.iloc[0]["run_dir"]), f"{dataset}, alpha={alpha:g}: label counts per client",
+            intervals(detail, f"{where}: accuracy and 95% intervals", reports / f"intervals_{at}.png"),
+            convergence(cell, f"{where}: convergence", reports / f"convergence_{at}.png"),
+            client_distribution(cell, f"{where}: per-client accuracy", reports / f"clients_{at}.png"),
+            label_distribution(Path(cell.iloc[0]["run_dir"]), f"{where}: label counts per client",
                                reports / f"partition_{at}.png"),
         ]
         page += [f"### {cell_heading(partition, alpha, cell)}", "", markdown_table(detail[columns]), ""]

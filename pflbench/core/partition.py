@@ -25,7 +25,7 @@ import numpy as np
 
 from pflbench.atomic import save_npz
 from pflbench.core.natural import NaturalClients, natural_clients
-from pflbench.core.schemes import SCHEMES, SIZE_DISTRIBUTIONS
+from pflbench.core.schemes import ALPHA_SCHEMES, SCHEMES, SIZE_DISTRIBUTIONS
 from pflbench.errors import UserError
 
 LATER_FIELDS = {"sigma": 1.0, "size_dist": "lognormal", "holdout": 0.0, "natural_pick": "largest"}
@@ -76,7 +76,7 @@ def _validate(labels: np.ndarray, spec: PartitionSpec) -> None:
     if not 0 <= spec.val_ratio < 1:
         raise UserError(f"--val-ratio must be in [0, 1) (got {spec.val_ratio}); 0.1 holds out a tenth "
                         "of each client's training share")
-    if spec.scheme in ("dirichlet", "exdir") and spec.alpha <= 0:
+    if spec.scheme in ALPHA_SCHEMES and spec.alpha <= 0:
         raise UserError(f"--alpha must be > 0 (got {spec.alpha})")
     num_classes = len(np.unique(labels))
     if spec.scheme == "exdir" and spec.classes_per_client > num_classes:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pflbench.core.partition import PartitionSpec
 
 MAX_DIRICHLET_TRIES = 100
+ALPHA_SCHEMES = ("dirichlet", "exdir")  # the schemes that alpha parameterizes; the others ignore it
 SIZE_DISTRIBUTIONS = ("lognormal", "powerlaw")
 Scheme = Callable[[np.ndarray, "PartitionSpec", np.random.Generator], list[np.ndarray]]
 
