@@ -72,7 +72,24 @@ def test_ray_executor_passes_the_gpu_share_to_ray(monkeypatch, device, gpus, exp
 
     monkeypatch.setattr(executors, "run_cell", fake_run_cell)
     cells = [Cell(config=RunConfig(seed=s), data_root="d", device=device, plugins=(), cache_dir="c") for s in (0, 1)]
-    records = list(RayExecutor(workers=2, address=None, gpus_per_run=gpus).run(cells))
+    records = list(RayExecutor(workers=2, address=None, gpus_per_run=gpus, threads=1).run(cells))
     assert len(records) == 2 and len(ran) == 2
     assert fake.remote_options.get("num_gpus") == expected and fake.remote_options["num_cpus"] == 1
     assert fake.init_kwargs["num_cpus"] == 2
+
+
+@pytest.mark.parametrize("address, threads, cpus_per_task, ray_cpus", [
+    (None, 3, 3, 6),  # a local Ray holds the CPUs of both workers' threads
+    ("ray://head:10001", None, 1, None),  # a remote node's CPUs are unknown here: one thread a task
+    ("ray://head:10001", 4, 4, None),
+])
+def test_a_ray_task_reserves_the_cpus_its_threads_use(monkeypatch, address, threads, cpus_per_task, ray_cpus):
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    ran = []
+    monkeypatch.setattr(executors, "run_cell", lambda cell: ran.append(cell.threads) or
+                        RunRecord(config=cell.config, hyperparams={}, device=cell.device, summary={}))
+    cells = [Cell(config=RunConfig(seed=s), data_root="d", device="cpu", plugins=(), cache_dir="c") for s in (0, 1)]
+    list(RayExecutor(workers=2, address=address, threads=threads).run(cells))
+    assert ran == [cpus_per_task] * 2 and fake.remote_options["num_cpus"] == cpus_per_task
+    assert fake.init_kwargs.get("num_cpus") == ray_cpus

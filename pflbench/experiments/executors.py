@@ -99,25 +99,31 @@ def uses_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
-def ray_task_options(device: str, workers: int, gpus_per_run: float | None = None) -> dict[str, float]:
-    """What each Ray task asks for: one CPU, and on CUDA a share of a GPU (`gpus_per_run`, by
-    default 1 / workers, so `workers` runs share one GPU as the local executor's processes do)."""
+def ray_task_options(device: str, workers: int, gpus_per_run: float | None = None,
+                     threads: int = 1) -> dict[str, float]:
+    """What each Ray task asks for: the CPUs its torch threads use, and on CUDA a share of a GPU
+    (`gpus_per_run`, by default 1 / workers, so `workers` runs share one GPU as the local
+    executor's processes do)."""
     if gpus_per_run is not None and not 0 < gpus_per_run <= 1:
         raise UserError(f"--gpus-per-run must be in (0, 1] (got {gpus_per_run}); e.g. 0.25 puts 4 runs on a GPU")
-    options: dict[str, float] = {"num_cpus": 1}
+    options: dict[str, float] = {"num_cpus": threads}
     if uses_cuda(device):
         options["num_gpus"] = gpus_per_run if gpus_per_run is not None else 1.0 / workers
     return options
 
 
 class RayExecutor:
-    """Each cell is a Ray task (one CPU, and a GPU share on CUDA) on the cluster at `address`, or
-    on a local Ray started here."""
+    """Each cell is a Ray task (its threads' CPUs, and a GPU share on CUDA) on the cluster at
+    `address`, or on a local Ray started here.
+
+    A task reserves as many CPUs as it runs torch threads. On a local Ray that is this machine's
+    CPUs shared out among the workers, as the local executor does; a remote cluster's nodes are not
+    this machine, so there a task uses one thread unless `--threads` says otherwise."""
 
     def __init__(self, workers: int, address: str | None, gpus_per_run: float | None = None,
                  threads: int | None = None):
         check_workers(workers)
-        self.threads = threads_per_run(workers, threads)
+        self.threads = threads_per_run(workers, 1 if threads is None and address else threads)
         ray_task_options("cpu", workers, gpus_per_run)  # a bad share fails before Ray starts
         self.gpus_per_run = gpus_per_run
         try:
@@ -138,10 +144,11 @@ class RayExecutor:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False)
             else:
-                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
+                ray.init(num_cpus=self.workers * self.threads, include_dashboard=False, log_to_driver=False,
                          object_store_memory=200 * 1024 * 1024)
         try:
-            remote = ray.remote(**ray_task_options(cells[0].device, self.workers, self.gpus_per_run))(run_cell)
+            options = ray_task_options(cells[0].device, self.workers, self.gpus_per_run, self.threads)
+            remote = ray.remote(**options)(run_cell)
             pending = [remote.remote(Cell(**{**c.__dict__, "threads": self.threads})) for c in cells]
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
