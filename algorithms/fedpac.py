@@ -106,7 +106,7 @@ from pflbench.core.algorithm import Accumulator, Algorithm, Upload
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
 from pflbench.core.state import State, nbytes, subset
-from pflbench.core.training import EVAL_BATCH, LossFn, TrainStats, cross_entropy
+from pflbench.core.training import LossFn, TrainStats, cross_entropy
 
 # upload keys of the statistics (not model tensors)
 PROTOS, COUNTS, H, V = "fedpac:protos", "fedpac:counts", "fedpac:h", "fedpac:v"
@@ -239,13 +239,10 @@ class FedPAC(Algorithm):
             self.ctx.count_traffic(down=nbytes({"protos": self.global_protos, "mask": self.proto_mask}))
         return super().client_start(cid, global_state)
 
-    @torch.no_grad()
     def features(self, model: nn.Module, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Body features (float64) and labels of client `cid`'s training samples."""
-        model.eval()
-        data, idx = self.ctx.trainer.data, self.ctx.clients[cid].train
-        feats = [model.body(data.x[idx[s:s + EVAL_BATCH]]).double() for s in range(0, len(idx), EVAL_BATCH)]
-        return torch.cat(feats), data.y[idx]
+        feats, labels = self.ctx.trainer.body_features(model, cid)
+        return feats.double(), labels
 
     def local_train(self, cid: int, model: nn.Module, round_: int) -> TrainStats:
         trainer, hp, extras = self.ctx.trainer, self.hp, {}

@@ -81,7 +81,7 @@ from pflbench.core.algorithm import Algorithm
 from pflbench.errors import UserError
 from pflbench.core.registry import register_algorithm
 from pflbench.core.state import State, set_state, subset
-from pflbench.core.training import EVAL_BATCH, TrainStats, stream_seed
+from pflbench.core.training import TrainStats, stream_seed
 
 MEANS, COV = "head.means", "head.cov"
 
@@ -211,13 +211,10 @@ class PFedFDA(Algorithm):
         model.head.weight.copy_(weight)
         model.head.bias.copy_(bias)
 
-    @torch.no_grad()
     def features(self, model: nn.Module, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Body features (float64) and labels of client `cid`'s training samples."""
-        model.eval()
-        data, idx = self.ctx.trainer.data, self.ctx.clients[cid].train
-        feats = [model.body(data.x[idx[s:s + EVAL_BATCH]]).double() for s in range(0, len(idx), EVAL_BATCH)]
-        return torch.cat(feats), data.y[idx]
+        feats, labels = self.ctx.trainer.body_features(model, cid)
+        return feats.double(), labels
 
     def local_estimates(self, feats: torch.Tensor, labels: torch.Tensor, means_g: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,6 +148,16 @@ class Trainer:
         return TrainStats(loss_sum=float(loss_sum), samples=samples)
 
     @torch.no_grad()
+    def body_features(self, model: nn.Module, cid: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """`model.body` of every sample of client `cid`'s `split` in evaluation mode, in chunks,
+        and their labels: what feature-statistics methods (FedPAC's centroids, pFedFDA's Gaussian
+        estimates) are computed from."""
+        model.eval()
+        idx = getattr(self.clients[cid], split)
+        feats = [model.body(self.data.x[idx[s:s + EVAL_BATCH]]) for s in range(0, len(idx), EVAL_BATCH)]
+        return torch.cat(feats), self.data.y[idx]
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, cid: int, split: str = "test") -> EvalResult:
         """Correct predictions and summed cross-entropy on client `cid`'s local test set (or its
         validation set, `split="val"`)."""
