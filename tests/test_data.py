@@ -1,5 +1,5 @@
 """The data layer: .npz reading and validation, conversion of torchvision-style datasets,
-download-once caching, the data root, and atomic writes. All offline, on tiny generated arrays."""
+download-once caching and the data root. All offline, on tiny generated arrays."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import pflbench.core.data as data
-from pflbench.atomic import atomic_path, save_npz, write_text
 from pflbench.core.data import (DATA_ROOT_ENV, available_datasets, data_root, load_arrays, load_dataset,
                            read_npz, to_npz_arrays)
 from pflbench.errors import UserError
@@ -387,48 +386,6 @@ def test_data_root_precedence(tmp_path, monkeypatch):
 
     assert data_root(tmp_path / "explicit") == tmp_path / "explicit"
     assert data_root(str(tmp_path / "explicit")) == tmp_path / "explicit"
-
-
-# --- atomic writes ------------------------------------------------------------------------------
-
-def test_write_text_replaces_content_and_leaves_no_temp_file(tmp_path):
-    target = tmp_path / "sub" / "out.txt"
-    write_text(target, "first")
-    write_text(target, "second")
-    assert target.read_text() == "second"
-    assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
-
-
-def test_atomic_path_failure_keeps_original_and_cleans_up(tmp_path):
-    target = tmp_path / "results.json"
-    write_text(target, "original")
-
-    with pytest.raises(RuntimeError, match="killed mid-write"):
-        with atomic_path(target) as tmp:
-            assert Path(tmp).parent == tmp_path and Path(tmp) != target
-            with open(tmp, "w") as f:
-                f.write("half-writ")
-            raise RuntimeError("killed mid-write")
-
-    assert target.read_text() == "original"
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
-
-
-def test_atomic_path_failure_before_first_write_creates_nothing(tmp_path):
-    target = tmp_path / "new.txt"
-    with pytest.raises(KeyError):
-        with atomic_path(target):
-            raise KeyError("boom")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_save_npz_writes_exactly_the_target(tmp_path):
-    arrays = make_arrays()
-    save_npz(tmp_path / "x.npz", arrays)
-    assert [p.name for p in tmp_path.iterdir()] == ["x.npz"]  # not x.npz.npz, no temp file
-    got = read_npz(tmp_path / "x.npz")
-    for key in arrays:
-        np.testing.assert_array_equal(got[key], arrays[key])
 
 
 # --- real data (skipped where ../shared/data is absent) -----------------------------------------
