@@ -25,7 +25,7 @@ import pandas as pd
 from pflbench.core.data import data_root as resolve_data_root
 from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
 from pflbench.errors import UserError
-from pflbench.experiments.config import RunConfig, resolved_settings
+from pflbench.experiments.config import RunConfig, check_seed, resolved_settings
 from pflbench.experiments.folders import check_output_folder
 
 PathLike = str | os.PathLike
@@ -146,6 +146,7 @@ def sweep_outcome(algos: str | list[str] | None = None, *, datasets: list[str] |
     grid = {"algos": algos, "alphas": alphas, "datasets": datasets, "seeds": seeds}
     flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
     plan = build_plan(preset, Path(config) if config else None, flags, _hp_pairs(hp))
+    plan.configs()  # every cell's settings are checked before anything is written
     _check_workers_can_import(plan.algos, workers, executor)
     results = Path(results)
     check_output_folder(results)
@@ -202,6 +203,9 @@ def tune(budget: int, algos: str | list[str] | None = None, *, tune_seeds: Itera
     grid = {"algos": algos, "alphas": alphas, "datasets": datasets}
     flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
     plan = build_plan(preset, Path(config) if config else None, flags, _hp_pairs(hp))
+    plan.configs()  # every cell's settings are checked before anything is written
+    for seed in tune_seeds or ():
+        check_seed(seed)
     _check_workers_can_import(plan.algos, workers, executor)
     check_output_folder(Path(results))
     for message in eval_every_warnings(resolved_settings(plan.settings)):

@@ -156,3 +156,26 @@ def test_eval_every_beyond_rounds_is_one_warning_line(tmp_path, command):
 def test_eval_every_within_rounds_warns_nothing(tmp_path):
     result = invoke(["run", *TINY, "--device", "cpu", "--results", str(tmp_path / "results")])
     assert result.exit_code == 0 and not warnings_of(result), result.output
+
+
+@pytest.mark.parametrize("command, seed", [(["run", "--algo", "fedavg", *TINY, "--seed"], "-5"),
+                                           (["run", "--algo", "fedavg", *TINY, "--seed"], str(2**64)),
+                                           (["sweep", *TINY_GRID, "--eval-every", "1", "--seeds"], "-1"),
+                                           (["tune", "--budget", "1", *TINY_GRID, "--eval-every", "1",
+                                             "--tune-seeds"], "-1")])
+def test_a_seed_out_of_range_is_one_line_before_anything_starts(tmp_path, command, seed):
+    """Negative or huge seeds used to reach numpy's or torch's seeding as a traceback (or, in a
+    sweep or a study, a failed record per cell or trial)."""
+    result = invoke([*command, seed, "--results", str(tmp_path / "results")])
+    one_error_line(result, f"--seed must be an integer in [0, 2**32) (got {seed})")
+    assert not (tmp_path / "results").exists()
+
+
+def test_hp_scoped_to_another_algorithm_is_one_line_and_to_its_own_is_accepted(tmp_path):
+    """`ALGO.KEY=VALUE`, as a sweep takes it, names the run's own algorithm or is refused in one line."""
+    result = invoke(["run", "--algo", "fedobp", *TINY, "--hp", "fedper.q=0.5", "--results", str(tmp_path / "r")])
+    one_error_line(result, "--hp fedper.q: this run trains fedobp, not fedper", "pass q=VALUE or fedobp.q=VALUE")
+    result = invoke(["run", "--algo", "fedobp", *TINY, "--hp", "fedobp.q=0.25", "--results", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    config = json.loads(next((tmp_path / "r" / "runs").glob("*/config.json")).read_text())
+    assert config["config"]["hp"]["q"] == 0.25

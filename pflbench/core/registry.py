@@ -124,6 +124,12 @@ def resolve_hyperparams(cls: type, overrides: dict[str, Any]) -> Any:
     types = typing.get_type_hints(cls.Hyperparams)
     values = {}
     for key, raw in overrides.items():
+        scope, _, name = key.rpartition(".")
+        if scope:  # `ALGO.KEY`, as a sweep takes it, is accepted for the one algorithm it names
+            if scope != cls.name:
+                raise UserError(f"--hp {key}: this run trains {cls.name}, not {scope}; "
+                                f"pass {name}=VALUE or {cls.name}.{name}=VALUE")
+            key = name
         if key not in fields:
             known = ", ".join(fields) or "none"
             raise UserError(f"--hp {key}: {cls.name} has no hyperparameter '{key}' (it has: {known})")

@@ -31,6 +31,12 @@ LATER_SETTINGS = {"val_ratio": 0.0, "precision": "fp32", "tuned_budget": 0, "tun
                   "feature_skew": "none", "skew_strength": 0.0, "holdout_clients": 0.0}
 
 
+def check_seed(seed: int) -> None:
+    """A seed is what numpy's and torch's generators all take: an integer in [0, 2**32)."""
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be an integer in [0, 2**32) (got {seed}), e.g. 0, 1, 2")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run's result (the device and paths excepted)."""
@@ -107,6 +113,7 @@ class RunConfig:
             (self.partition in PARTITION_SCHEMES,
              f"unknown partition '{self.partition}'; choose one of {', '.join(PARTITION_SCHEMES)}"),
         ]
+        check_seed(self.seed)
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
