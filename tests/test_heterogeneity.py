@@ -304,6 +304,7 @@ def test_report_shows_newcomer_figures_and_the_measured_skew_beside_the_cell(tmp
     figures = sorted(p.name for p in (tmp_path / "reports").glob("intervals_*.png"))
     assert figures and all(name.endswith("_quantity.png") for name in figures), figures
     assert "_a0.1" not in page
+    assert "![newcomers_" in page and len(list((tmp_path / "reports").glob("newcomers_*_quantity.png"))) == 1
     board = pd.read_csv(results / "leaderboard.csv")
     assert {"acc_new", "participation_gap", "skew_js", "size_cv"} <= set(board.columns)
     assert np.allclose(board["participation_gap"], board["acc"] - board["acc_new"])

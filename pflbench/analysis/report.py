@@ -92,6 +92,29 @@ def intervals(cell: pd.DataFrame, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+NEWCOMER_FIGURES = (("acc", "clients that trained", "o"), ("acc_new", "newcomers", "s"),
+                    ("acc_new_ft", "newcomers, fine-tuned", "^"))
+
+
+def newcomer_intervals(cell: pd.DataFrame, title: str, path: Path) -> Path:
+    """Where some clients never trained: per algorithm, the trained clients' accuracy beside the
+    newcomers' (as the algorithm serves one, then fine-tuned), each with its 95% interval, sorted by
+    the newcomers' accuracy. The horizontal distance between a circle and a square is the
+    participation gap."""
+    cell = cell.sort_values("acc_new", ascending=True).reset_index(drop=True)
+    shown = [(c, label, marker) for c, label, marker in NEWCOMER_FIGURES if c in cell and cell[c].notna().any()]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(cell) + 1.6))
+    for k, (column, label, marker) in enumerate(shown):
+        y = np.arange(len(cell)) + 0.22 * (k - (len(shown) - 1) / 2)
+        err = [cell[column] - cell[f"{column}_ci_low"], cell[f"{column}_ci_high"] - cell[column]]
+        ax.errorbar(cell[column], y, xerr=err, fmt=marker, capsize=2, ms=4, label=label)
+    ax.set_yticks(range(len(cell)), labels=entry_labels(cell))
+    ax.set_ylim(-0.5, len(cell) - 0.5)
+    ax.set(xlabel="pooled accuracy (%) with 95% interval", title=title)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=len(shown), fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
 class StableName(str):
     """An algorithm name whose hash is the same in every process. scikit-posthocs finds the
     diagram's bars as Python sets of names, so with str's per-process hash the bars' drawing order
@@ -222,7 +245,10 @@ HOW_TO_READ = (
     "by that mean rank. The win/tie/loss matrix counts, for each pair, the cells where the row algorithm "
     "is significantly better (w), not distinguishable (t) or significantly worse (l) than the column "
     "one; its colour is wins minus losses. `grad_evals_vs_fedavg` is the local compute (sample-gradients) "
-    "relative to FedAvg's and `eval_adapt` what each algorithm does at test time.")
+    "relative to FedAvg's and `eval_adapt` what each algorithm does at test time. Where some clients never "
+    "trained (`--holdout-clients`), `acc_new` is their accuracy as the algorithm serves a newcomer, "
+    "`acc_new_ft` after local fine-tuning, and `participation_gap` is `acc` minus `acc_new`; the "
+    "newcomers plot sets the three side by side.")
 
 
 def settings_line(runs: pd.DataFrame) -> str:
@@ -295,6 +321,9 @@ def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.D
             label_distribution(Path(cell.iloc[0]["run_dir"]), f"{where}: label counts per client",
                                reports / f"partition_{at}.png"),
         ]
+        if "acc_new" in detail and detail["acc_new"].notna().any():
+            figures.append(newcomer_intervals(detail, f"{where}: trained clients and newcomers",
+                                              reports / f"newcomers_{at}.png"))
         page += [f"### {cell_heading(partition, alpha, cell)}", "", markdown_table(detail[columns]), ""]
         page += [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return page
