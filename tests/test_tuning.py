@@ -199,13 +199,16 @@ def test_killed_tuning_resumes_to_the_same_choices(tmp_path):
     assert subprocess.run(tune_command(full), env=env, capture_output=True).returncode == 0
     proc = subprocess.Popen(tune_command(cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=os.setpgrp)  # own process group, same session (a new session runs ~3x slower on some hosts)
-    # wait for two finished trials (their records), then kill during the next one; polling the
-    # study database instead would race with the writer's locks and can take minutes to see a trial
+    # wait for two finished trials (their records), then for the next one to be marked running,
+    # and kill during it; waiting for the records first keeps the database polls (which race with
+    # the writer's locks) to the few moments before the kill, and a fixed pause instead missed the
+    # third trial's start on a loaded machine
     deadline = time.time() + 120
     while sum(not p.parent.name.startswith(STAGING_PREFIX)
               for p in (cut / "tuning" / "runs").glob("*/summary.json")) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)
+    while running_trials(cut / "tuning" / "studies.db") < 1 and time.time() < deadline:
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert running_trials(cut / "tuning" / "studies.db") >= 1  # killed mid-trial
