@@ -6,8 +6,9 @@ script answers the other half of the question from stored records, without train
 the two pooled accuracies and bf16 minus fp32 with its 95% bootstrap interval and paired
 permutation p-value. The pair shares its seed, partition, initial model and sampled clients, so the
 difference is paired client by client, with the leaderboard's statistics
-(`pflbench.analysis.statistics.paired_difference`). Run times are printed too, but they are only
-comparable when both runs had the machine to themselves (a CPU without native bf16 emulates it).
+(`pflbench.analysis.statistics.paired_difference`). Run times are printed with the device each run
+trained on; they are only comparable when both ran on the same device with the machine to
+themselves (a CPU without native bf16 emulates it).
 
     python benchmarks/precision_accuracy.py [--results DIR]
 
@@ -38,6 +39,11 @@ def settings(run_dir: str) -> dict:
     return full
 
 
+def device(run_dir: str) -> str:
+    """Where a run trained ("cpu", "cuda"), as its record says."""
+    return json.loads((Path(run_dir) / "config.json").read_text()).get("device", "")
+
+
 def pairs(results: Path) -> list[tuple[pd.Series, pd.Series]]:
     """(bf16 run, fp32 run) for every finished bf16 run whose fp32 twin is stored."""
     runs = load_runs(results)
@@ -65,7 +71,8 @@ def table(results: Path) -> pd.DataFrame:
                      "acc_bf16": float(pooled(counts[0].n, counts[0].correct)), "diff": result.diff,
                      "ci_low": result.ci_low, "ci_high": result.ci_high, "p_value": result.p_value,
                      "clients_bf16_better_pct": 100 * result.client_wins, "clients_tied_pct": 100 * result.client_ties,
-                     "wall_s_fp32": fp32.wall_s, "wall_s_bf16": bf16.wall_s})
+                     "device_fp32": device(fp32.run_dir), "wall_s_fp32": fp32.wall_s,
+                     "device_bf16": device(bf16.run_dir), "wall_s_bf16": bf16.wall_s})
     return pd.DataFrame(rows)
 
 
