@@ -25,6 +25,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pflbench: a benchmark harness for personalized federated learning.")
 
 
+# Options that several commands take, declared once so their flags and help read the same.
+ALGOS_OPTION = typer.Option(None, help="all, or algorithms separated by commas or spaces [default: all].")
+ALPHAS_OPTION = typer.Option(None, help="Dirichlet alphas, e.g. --alpha 0.1 0.5.")
+DATASETS_OPTION = typer.Option(None, help="Datasets, e.g. --datasets mnist fmnist.")
+PLUGINS_OPTION = typer.Option(None, help="Python file or folder with extra algorithms (repeatable).")
+WORKERS_OPTION = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1].")
+THREADS_OPTION = typer.Option(None, help="Torch threads per run [default: CPUs / workers]; e.g. 1 to leave "
+                                          "cores free for other work.")
+EXECUTOR_OPTION = typer.Option("local", help="local (processes on this machine) or ray.")
+RAY_ADDRESS_OPTION = typer.Option(None, help="Ray cluster address [default: start a local Ray].")
+GPUS_PER_RUN_OPTION = typer.Option(None, help="With --executor ray on CUDA: the GPU share each run "
+                                               "asks Ray for [default: 1 / workers].")
+DATA_ROOT_OPTION = typer.Option(None, "--data-root", help="Folder of dataset .npz files.")
+DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda.")
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a UserError into one line on stderr and exit status 2."""
 
@@ -108,11 +124,11 @@ def run(
     alpha: float = typer.Option(0.1, help="Dirichlet concentration; lower is more skewed."),
     seed: int = typer.Option(0, help="Seed of the partition, initialization, sampling and batches."),
     hp: Optional[List[str]] = typer.Option(None, help="Algorithm hyperparameter KEY=VALUE (repeatable)."),
-    plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms (repeatable)."),
+    plugin: Optional[List[str]] = PLUGINS_OPTION,
     data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files "
                                               "[default: $PFLBENCH_DATA or ./datasets]."),
     results: Path = typer.Option(Path("results"), help="Results folder; the run goes to DIR/runs/<run_id>/."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     **flags: Any,
 ) -> None:
     """Train one federated run and write its record."""
@@ -139,28 +155,26 @@ app.command()(user_errors(with_run_flags(run)))
 
 
 def sweep(
-    algos: Optional[str] = typer.Option(None, help="all, or algorithms separated by commas or spaces [default: all]."),
-    alpha: Optional[List[float]] = typer.Option(None, help="Dirichlet alphas, e.g. --alpha 0.1 0.5."),
-    datasets: Optional[List[str]] = typer.Option(None, help="Datasets, e.g. --datasets mnist fmnist."),
+    algos: Optional[str] = ALGOS_OPTION,
+    alpha: Optional[List[float]] = ALPHAS_OPTION,
+    datasets: Optional[List[str]] = DATASETS_OPTION,
     seeds: Optional[List[int]] = typer.Option(None, help="Seeds, e.g. --seeds 0 1 2."),
     preset: Optional[str] = typer.Option(None, help="quick (default: offline digits, minutes) or fedobp (the paper's protocol)."),
     config: Optional[Path] = typer.Option(None, help="TOML file with the same settings (flags override it)."),
     hp: Optional[List[str]] = typer.Option(None, help="KEY=VALUE for every algorithm that has KEY, or ALGO.KEY=VALUE."),
-    plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms (repeatable)."),
-    workers: Optional[int] = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1]."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per run [default: CPUs / workers]; e.g. 1 to leave "
-                                          "cores free for other work."),
-    executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
-    gpus_per_run: Optional[float] = typer.Option(None, help="With --executor ray on CUDA: the GPU share each run "
-                                                 "asks Ray for [default: 1 / workers]."),
+    plugin: Optional[List[str]] = PLUGINS_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    gpus_per_run: Optional[float] = GPUS_PER_RUN_OPTION,
     retry_failed: bool = typer.Option(False, help="Run cells again whose record says failed."),
     tuned: bool = typer.Option(False, help="Use each algorithm's hyperparameters chosen by `pflbench tune` "
                                "(same settings and --results; seeds must differ from the tuning seeds)."),
-    data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files."),
+    data_root_: Optional[Path] = DATA_ROOT_OPTION,
     results: Path = typer.Option(Path("results"), help="Results folder (run records and leaderboards)."),
     reports: Path = typer.Option(Path("reports"), help="Reports folder (plots and README.md)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     **flags: Any,
 ) -> None:
     """Train every algorithm x dataset x alpha x seed not yet done, then rebuild leaderboards and plots."""
@@ -193,23 +207,21 @@ def tune(
     budget: int = typer.Option(..., help="Finished trials per study, the same for every algorithm."),
     tune_seeds: Optional[List[int]] = typer.Option(None, help="Seeds the trials run on (the objective is "
                                                    "their mean); final sweeps must use others [default: 1000]."),
-    algos: Optional[str] = typer.Option(None, help="all, or algorithms separated by commas or spaces [default: all]."),
-    alpha: Optional[List[float]] = typer.Option(None, help="Dirichlet alphas, e.g. --alpha 0.1 0.5."),
-    datasets: Optional[List[str]] = typer.Option(None, help="Datasets, e.g. --datasets mnist fmnist."),
+    algos: Optional[str] = ALGOS_OPTION,
+    alpha: Optional[List[float]] = ALPHAS_OPTION,
+    datasets: Optional[List[str]] = DATASETS_OPTION,
     preset: Optional[str] = typer.Option(None, help="quick (default) or fedobp: the settings to tune under."),
     config: Optional[Path] = typer.Option(None, help="TOML file with the sweep's settings and [search] overrides."),
     hp: Optional[List[str]] = typer.Option(None, help="KEY=VALUE fixed for every trial (then not searched)."),
-    plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms (repeatable)."),
-    workers: Optional[int] = typer.Option(None, help="Runs at once [default: half the CPUs, at least 1]."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per run [default: CPUs / workers]; e.g. 1 to leave "
-                                          "cores free for other work."),
-    executor: str = typer.Option("local", help="local (processes on this machine) or ray."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address [default: start a local Ray]."),
-    gpus_per_run: Optional[float] = typer.Option(None, help="With --executor ray on CUDA: the GPU share each run "
-                                                 "asks Ray for [default: 1 / workers]."),
-    data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files."),
+    plugin: Optional[List[str]] = PLUGINS_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    gpus_per_run: Optional[float] = GPUS_PER_RUN_OPTION,
+    data_root_: Optional[Path] = DATA_ROOT_OPTION,
     results: Path = typer.Option(Path("results"), help="Results folder; studies go to DIR/tuning/."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     **flags: Any,
 ) -> None:
     """Tune every algorithm with the same budget on validation data (Optuna TPE; resumable).
@@ -279,7 +291,7 @@ def compare(
 @user_errors
 def list_(
     plugin: Optional[List[str]] = typer.Option(None, help="Python file or folder with extra algorithms."),
-    data_root_: Optional[Path] = typer.Option(None, "--data-root", help="Folder of dataset .npz files."),
+    data_root_: Optional[Path] = DATA_ROOT_OPTION,
 ) -> None:
     """Show datasets, models and algorithms with their hyperparameters and search spaces."""
     warn(load_algorithms(plugin or ()))

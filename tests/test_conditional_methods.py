@@ -48,6 +48,24 @@ def assert_shared_identical_personal_different(engine, uploads):
     return sampled
 
 
+def deterministic_run_with_read_only_evaluation(name):
+    """Two runs of the same config give the same metrics, and evaluating every client twice gives the
+    same logits and leaves the global state and every kept personal state untouched. Returns the
+    engine after its run."""
+    config = small_config(algo=name, rounds=2, clients=4, join_ratio=0.5)
+    first = make_engine(config)
+    assert metrics(first.run()) == metrics(make_engine(config).run())
+    algo, g = first.algo, first.global_state
+    g_before = {k: v.clone() for k, v in g.items()}
+    kept_before = {c: {k: v.clone() for k, v in s.items()} for c, s in algo.kept.items()}
+    for cid in range(config.clients):
+        once = logits_on_test(first, algo.eval_model(cid, g), cid)
+        assert torch.equal(once, logits_on_test(first, algo.eval_model(cid, g), cid))
+    assert states_equal(g, g_before)
+    assert all(states_equal(algo.kept[c], kept_before[c]) for c in kept_before)
+    return first
+
+
 # == FedCP ===========================================================================================
 
 def test_fedcp_policy_splits_every_feature_into_shares_that_sum_back_to_it():
@@ -146,18 +164,9 @@ def test_fedcp_keeps_personal_heads_home_and_counts_exactly_its_bytes():
 
 
 def test_fedcp_is_deterministic_and_its_evaluation_is_read_only():
-    config = small_config(algo="fedcp", rounds=2, clients=4, join_ratio=0.5)
-    first = make_engine(config)
-    a = first.run()
-    assert metrics(a) == metrics(make_engine(config).run())
+    first = deterministic_run_with_read_only_evaluation("fedcp")
     algo, g = first.algo, first.global_state
     g_before = {k: v.clone() for k, v in g.items()}
-    kept_before = {c: {k: v.clone() for k, v in s.items()} for c, s in algo.kept.items()}
-    for cid in range(config.clients):
-        once = logits_on_test(first, algo.eval_model(cid, g), cid)
-        assert torch.equal(once, logits_on_test(first, algo.eval_model(cid, g), cid))
-    assert states_equal(g, g_before)
-    assert all(states_equal(algo.kept[c], kept_before[c]) for c in kept_before)
     # with Gumbel noise at evaluation too (the references' choice) it is seeded per client: repeatable
     plain = logits_on_test(first, algo.eval_model(0, g), 0)
     algo.hp = dataclasses.replace(algo.hp, noise="always")
@@ -254,18 +263,7 @@ def test_gpfl_keeps_personal_heads_home_and_counts_exactly_its_bytes():
 
 
 def test_gpfl_is_deterministic_and_its_evaluation_is_read_only():
-    config = small_config(algo="gpfl", rounds=2, clients=4, join_ratio=0.5)
-    first = make_engine(config)
-    a = first.run()
-    assert metrics(a) == metrics(make_engine(config).run())
-    algo, g = first.algo, first.global_state
-    g_before = {k: v.clone() for k, v in g.items()}
-    kept_before = {c: {k: v.clone() for k, v in s.items()} for c, s in algo.kept.items()}
-    for cid in range(config.clients):
-        once = logits_on_test(first, algo.eval_model(cid, g), cid)
-        assert torch.equal(once, logits_on_test(first, algo.eval_model(cid, g), cid))
-    assert states_equal(g, g_before)
-    assert all(states_equal(algo.kept[c], kept_before[c]) for c in kept_before)
+    deterministic_run_with_read_only_evaluation("gpfl")
 
 
 # == both ============================================================================================
