@@ -30,10 +30,12 @@ Schedule per round t, for each sampled client i (S the sampled set, N the run's 
    local steps this client took (epochs x batches, counted) and lr the run's learning rate, as
    PFLlib's `update_yc` (K = batches x epochs). FL-bench's client takes `local_epoch` single
    mini-batch steps and uses K = local_epoch, and the FedDyn authors' baseline a fixed step count:
-   the same formula with K the steps taken. Under the run's momentum beta the displacement x - y is about 1 / (1 - beta) times
-   K lr times the mean corrected gradient, so the c_i are scaled by about that factor; the paper
-   and PFLlib have no momentum and FL-bench leaves the formula as it is, as we do: the engine's
-   default momentum 0 is the paper's setting.
+   the same formula with K the steps taken. Under the run's momentum beta the displacement x - y
+   is about 1 / (1 - beta) times K lr times the mean corrected gradient, so the c_i are scaled by
+   about that factor; the paper and PFLlib have no momentum and FL-bench leaves the formula as it
+   is, as we do by default (`cv_lr="lr"`; the engine's default momentum 0 is the paper's
+   setting). `cv_lr="effective"` divides by K lr / (1 - beta) instead, so that c_i estimates the
+   mean corrected gradient under momentum too; it is this benchmark's option, in no reference.
 4. up: Delta y = y - x and Delta c = c_i+ - c_i. Delta y travels as y itself (the same bytes; the
    server, which holds x, forms y - x), which makes global_lr = 1 bit-identical to a mean of the
    models. Both are in the upload payload, so the engine counts them.
@@ -61,6 +63,10 @@ Hyperparameters:
                               `global_lr` default. Not searched, for that reason.
     weighting = "uniform"     the mean over the sampled clients' Delta y: "uniform" (paper, PFLlib,
                               FL-bench) or "samples" (FedAvg's sample-weighted mean).
+    cv_lr = "lr"              the step size in option II's (x - y) / (K lr): "lr", the run's
+                              learning rate (paper, PFLlib, FL-bench), or "effective", lr / (1 -
+                              momentum), the step momentum makes in the long run (see 3. above;
+                              the same as "lr" without momentum).
 
 Not implemented: the paper's option I (c_i+ = the full local gradient at x, one more pass over the
 client's data), and the FedDyn authors' per-client rescaling of Delta c by relative dataset size.
@@ -81,6 +87,7 @@ from pflbench.core.training import TrainStats
 
 DELTA_C = "scaffold.delta_c:"  # prefix of the Delta c tensors in the upload payload
 WEIGHTINGS = ("uniform", "samples")
+CV_LRS = ("lr", "effective")
 
 
 class CorrectedSGD(torch.optim.SGD):
@@ -113,12 +120,15 @@ class Scaffold(Algorithm):
     class Hyperparams:
         global_lr: float = 1.0
         weighting: Literal["uniform", "samples"] = "uniform"
+        cv_lr: Literal["lr", "effective"] = "lr"
 
         def __post_init__(self):
             if not (self.global_lr > 0 and self.global_lr < float("inf")):
                 raise ValueError(f"global_lr must be a finite number > 0 (got {self.global_lr})")
             if self.weighting not in WEIGHTINGS:
                 raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
+            if self.cv_lr not in CV_LRS:
+                raise ValueError(f"cv_lr must be one of {', '.join(CV_LRS)} (got {self.cv_lr!r})")
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
@@ -153,12 +163,17 @@ class Scaffold(Algorithm):
         self.steps = opt.steps
         return stats
 
+    def cv_step(self) -> float:
+        """The step size option II divides by: the run's lr, or lr / (1 - momentum) (`cv_lr`)."""
+        trainer = self.ctx.trainer
+        return trainer.lr if self.hp.cv_lr == "lr" else trainer.lr / (1.0 - trainer.momentum)
+
     @torch.no_grad()
     def upload(self, cid: int, trained: State) -> State:
         """Option II: c_i+ = c_i - c + (x - y) / (K lr); send y and Delta c = c_i+ - c_i."""
         x, k = self.received, self.steps
         if k:
-            scale = 1.0 / (k * self.ctx.trainer.lr)
+            scale = 1.0 / (k * self.cv_step())
             delta_c = {n: (x[n] - trained[n]).mul_(scale).sub_(self.c[n]) for n in self.param_keys}
         else:  # no step taken: nothing learned about this client, c_i stays
             delta_c = {n: torch.zeros_like(v) for n, v in self.c.items()}

@@ -137,6 +137,25 @@ def test_scaffold_option2_control_variate_with_k_the_steps_taken():
             torch.testing.assert_close(delta_c[n], c_new[n] - c_old[n], rtol=1e-4, atol=1e-6)
 
 
+def test_scaffold_effective_cv_lr_scales_the_first_control_variates_by_one_minus_momentum():
+    """Round 1 trains the same with either choice (every control variate is zero), so c_i under
+    `cv_lr=effective` is (1 - beta) times c_i under the references' `lr`; without momentum the two
+    runs are identical throughout."""
+    beta = 0.7
+    config = small_config(algo="scaffold", rounds=1, momentum=beta)
+    plain, effective = make_engine(config), make_engine(config, cv_lr="effective")
+    plain.run(), effective.run()
+    assert plain.algo.c_local.keys() == effective.algo.c_local.keys()
+    for cid, c_i in plain.algo.c_local.items():
+        for n, v in c_i.items():
+            torch.testing.assert_close(effective.algo.c_local[cid][n], (1 - beta) * v, rtol=1e-5, atol=1e-7)
+    assert any(float(v.abs().max()) > 0 for c_i in plain.algo.c_local.values() for v in c_i.values())
+    no_momentum = small_config(algo="scaffold", rounds=3, join_ratio=0.5)
+    a, b = make_engine(no_momentum), make_engine(no_momentum, cv_lr="effective")
+    assert metrics(a.run()) == metrics(b.run())
+    assert states_equal(a.global_state, b.global_state)
+
+
 def test_scaffold_server_step_on_a_hand_example():
     engine = make_engine(small_config(algo="scaffold", clients=6), global_lr=0.5)
     algo = engine.algo
@@ -191,7 +210,7 @@ def test_scaffold_is_deterministic():
 
 @pytest.mark.parametrize("hp, message", [
     ({"global_lr": 0.0}, "global_lr"), ({"global_lr": -1.0}, "global_lr"), ({"global_lr": math.inf}, "global_lr"),
-    ({"weighting": "median"}, "weighting"),
+    ({"weighting": "median"}, "weighting"), ({"cv_lr": "half"}, "cv_lr"),
 ])
 def test_scaffold_rejects_bad_hyperparameters(hp, message):
     with pytest.raises(UserError, match=message):
