@@ -140,3 +140,12 @@ def test_compare_pairs_shared_seeds_per_cell_and_refuses_cells_it_cannot_pair():
     apart = pd.concat([rows("a", better, n), rows("b", base, n).assign(alpha=0.5)])
     with pytest.raises(ValueError, match="share no cell"):
         compare(apart, "a", "b")
+
+
+def test_figure_rows_say_their_seed_count_only_where_a_cell_mixes_counts():
+    from pflbench.analysis.report import labels_with_seeds
+
+    mixed = pd.DataFrame({"algo": ["fedavg", "fedper", "local"], "hp": ["", "", ""], "seeds": [3, 1, 2]})
+    assert labels_with_seeds(mixed) == ["fedavg (3 seeds)", "fedper (1 seed)", "local (2 seeds)"]
+    even = mixed.assign(seeds=3)
+    assert labels_with_seeds(even) == ["fedavg", "fedper", "local"]

@@ -73,6 +73,15 @@ def accuracy_vs_alpha(board: pd.DataFrame, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def labels_with_seeds(cell: pd.DataFrame) -> list[str]:
+    """Row names for a figure of one cell; where its entries ran on different numbers of seeds (a
+    grid still filling), each name says how many, since a one-seed interval only covers clients."""
+    names = entry_labels(cell)
+    if cell["seeds"].nunique() <= 1:
+        return list(names)
+    return [f"{name} ({int(n)} seed{'s' if n != 1 else ''})" for name, n in zip(names, cell["seeds"])]
+
+
 def intervals(cell: pd.DataFrame, title: str, path: Path) -> Path:
     """Dot-and-whisker: every algorithm's accuracy and 95% interval, best first; the algorithms
     not significantly worse than the best are shaded."""
@@ -84,7 +93,7 @@ def intervals(cell: pd.DataFrame, title: str, path: Path) -> Path:
                    label="tied with the best (p >= 0.05)")
     err = [cell["acc"] - cell["acc_ci_low"], cell["acc_ci_high"] - cell["acc"]]
     ax.errorbar(cell["acc"], range(len(cell)), xerr=err, fmt="o", color="k", ecolor="0.4", capsize=3, ms=4)
-    ax.set_yticks(range(len(cell)), labels=entry_labels(cell))
+    ax.set_yticks(range(len(cell)), labels=labels_with_seeds(cell))
     ax.set_ylim(-0.5, len(cell) - 0.5)
     ax.set(xlabel="pooled accuracy (%) with 95% interval (bootstrap over seeds and clients)", title=title)
     if tied.any():
@@ -108,7 +117,7 @@ def newcomer_intervals(cell: pd.DataFrame, title: str, path: Path) -> Path:
         y = np.arange(len(cell)) + 0.22 * (k - (len(shown) - 1) / 2)
         err = [cell[column] - cell[f"{column}_ci_low"], cell[f"{column}_ci_high"] - cell[column]]
         ax.errorbar(cell[column], y, xerr=err, fmt=marker, capsize=2, ms=4, label=label)
-    ax.set_yticks(range(len(cell)), labels=entry_labels(cell))
+    ax.set_yticks(range(len(cell)), labels=labels_with_seeds(cell))
     ax.set_ylim(-0.5, len(cell) - 0.5)
     ax.set(xlabel="pooled accuracy (%) with 95% interval", title=title)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=len(shown), fontsize=8, frameon=False)
