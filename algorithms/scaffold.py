@@ -81,7 +81,7 @@ import torch
 from torch import nn
 
 from pflbench.core.algorithm import Accumulator, Algorithm, Upload
-from pflbench.core.registry import register_algorithm
+from pflbench.core.registry import added_later, register_algorithm
 from pflbench.core.state import State, nbytes
 from pflbench.core.training import TrainStats
 
@@ -120,7 +120,7 @@ class Scaffold(Algorithm):
     class Hyperparams:
         global_lr: float = 1.0
         weighting: Literal["uniform", "samples"] = "uniform"
-        cv_lr: Literal["lr", "effective"] = "lr"
+        cv_lr: Literal["lr", "effective"] = added_later("lr")
 
         def __post_init__(self):
             if not (self.global_lr > 0 and self.global_lr < float("inf")):

@@ -13,7 +13,6 @@ The CLI (:mod:`pflbench.cli`) is a thin layer over these functions.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from pflbench.core.data import data_root as resolve_data_root
-from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, resolve_hyperparams
+from pflbench.core.registry import ALGORITHMS, get_algorithm, load_algorithms, recorded_hyperparams, resolve_hyperparams
 from pflbench.errors import UserError
 from pflbench.experiments.config import RunConfig, check_seed, resolved_settings
 from pflbench.experiments.folders import check_output_folder
@@ -74,7 +73,7 @@ def make_config(algo: str = "fedavg", dataset: str = "digits", alpha: float = 0.
     cls = get_algorithm(algo)
     hyperparams = resolve_hyperparams(cls, dict(hp or {}))
     return RunConfig.from_dict({"algo": algo, "dataset": dataset, "alpha": alpha, "seed": seed,
-                                "hp": dataclasses.asdict(hyperparams), **settings})
+                                "hp": recorded_hyperparams(hyperparams), **settings})
 
 
 def run(algo: str = "fedavg", dataset: str = "digits", alpha: float = 0.1, *, seed: int = 0,

@@ -104,3 +104,28 @@ def test_hyperparameters_are_typed():
     load_algorithms()
     hp = resolve_hyperparams(get_algorithm("fedobp"), {"q": "0.99", "ema": "0.5", "norm": "layer"})
     assert (hp.q, hp.ema, hp.norm) == (0.99, 0.5, "layer")
+
+
+def test_a_hyperparameter_added_later_keeps_older_records_matching():
+    """A field declared with `added_later` is left out of the recorded hyperparameters, and so of
+    the run id, while it holds its default; set to anything else it is recorded. SCAFFOLD's `cv_lr`
+    is one: its default run has the id it had before the field existed."""
+    import dataclasses
+
+    from pflbench.api import make_config
+    from pflbench.core.registry import added_later, recorded_hyperparams
+    from pflbench.experiments.config import RunConfig
+
+    @dataclasses.dataclass
+    class Hyperparams:
+        old: float = 1.0
+        new: str = added_later("a")
+
+    assert recorded_hyperparams(Hyperparams()) == {"old": 1.0}
+    assert recorded_hyperparams(Hyperparams(old=2.0, new="b")) == {"old": 2.0, "new": "b"}
+    load_algorithms()
+    default = make_config("scaffold")
+    before = RunConfig.from_dict({**default.to_dict(), "hp": {"global_lr": 1.0, "weighting": "uniform"}})
+    assert default.run_id() == before.run_id()
+    assert make_config("scaffold", hp={"cv_lr": "effective"}).hp["cv_lr"] == "effective"
+    assert make_config("scaffold", hp={"cv_lr": "effective"}).run_id() != default.run_id()

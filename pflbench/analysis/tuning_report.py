@@ -118,11 +118,11 @@ def _default_hp_label(untuned: pd.DataFrame) -> str | None:
     they ran the declared defaults (the most common label where the records cannot tell)."""
     if untuned.empty:
         return None
-    from pflbench.core.registry import get_algorithm, hyperparam_defaults, load_algorithms
+    from pflbench.core.registry import get_algorithm, load_algorithms, recorded_hyperparams
 
     load_algorithms()
     try:
-        defaults = hp_label(hyperparam_defaults(get_algorithm(untuned["algo"].iloc[0])))
+        defaults = hp_label(recorded_hyperparams(get_algorithm(untuned["algo"].iloc[0]).Hyperparams()))
     except Exception:  # an algorithm no longer registered: fall back to the common label
         return str(untuned["hp"].mode().iloc[0])
     return defaults if (untuned["hp"] == defaults).any() else None

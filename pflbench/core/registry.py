@@ -140,6 +140,23 @@ def resolve_hyperparams(cls: type, overrides: dict[str, Any]) -> Any:
         raise UserError(f"{cls.name} hyperparameters rejected: {exc}") from None
 
 
+ADDED_LATER = "pflbench.added_later"
+
+
+def added_later(default: Any) -> Any:
+    """A hyperparameter field added after runs of its algorithm were recorded: while it holds
+    `default` it is left out of a run's recorded hyperparameters (`recorded_hyperparams`), and so
+    out of its id, as `LATER_SETTINGS` does for run settings; the older records keep matching."""
+    return dataclasses.field(default=default, metadata={ADDED_LATER: True})
+
+
+def recorded_hyperparams(hyperparams: Any) -> dict[str, Any]:
+    """Resolved hyperparameters as a run's config records them: every field, except one added later
+    (`added_later`) that holds its default."""
+    return {f.name: getattr(hyperparams, f.name) for f in dataclasses.fields(hyperparams)
+            if not (f.metadata.get(ADDED_LATER) and getattr(hyperparams, f.name) == f.default)}
+
+
 def hyperparam_defaults(cls: type) -> dict[str, Any]:
     return dataclasses.asdict(cls.Hyperparams())
 

@@ -22,7 +22,7 @@ from pflbench.errors import UserError
 from pflbench.experiments.executors import Cell, make_executor
 from pflbench.experiments.presets import preset
 from pflbench.experiments.records import RunRecord, remove_stale_staging, run_status, write_run
-from pflbench.core.registry import ALGORITHMS, get_algorithm, parse_hp_pairs, resolve_hyperparams
+from pflbench.core.registry import ALGORITHMS, get_algorithm, parse_hp_pairs, recorded_hyperparams, resolve_hyperparams
 
 GRID_KEYS = ("algos", "datasets", "alphas", "seeds")
 
@@ -64,7 +64,7 @@ def hp_for(algo: str, overrides: dict[str, str]) -> dict[str, Any]:
         scope, _, name = key.rpartition(".")
         if (scope == algo) or (not scope and name in names):
             mine[name] = value
-    return dataclasses.asdict(resolve_hyperparams(cls, mine))
+    return recorded_hyperparams(resolve_hyperparams(cls, mine))
 
 
 def check_hp_keys(algos: list[str], overrides: dict[str, str]) -> None:

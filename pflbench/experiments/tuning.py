@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from pflbench.core.registry import get_algorithm, resolve_hyperparams
+from pflbench.core.registry import get_algorithm, recorded_hyperparams, resolve_hyperparams
 from pflbench.core.search import Real, Space, override, search_space
 from pflbench.errors import UserError
 from pflbench.experiments.config import RunConfig, protocol_key, resolved_settings
@@ -126,7 +126,7 @@ class StudySpec:
         """The trial's runs, one per tuning seed (bad hyperparameters raise a UserError)."""
         cls = get_algorithm(self.algo)
         hp = {**self.base_hp, **{k: v for k, v in values.items() if k != LR}}
-        resolved = dataclasses.asdict(resolve_hyperparams(cls, hp))
+        resolved = recorded_hyperparams(resolve_hyperparams(cls, hp))
         settings = {**self.settings, LR: values.get(LR, self.settings.get(LR, RunConfig.lr)),
                     "val_ratio": self.val_ratio}
         return [RunConfig(algo=self.algo, dataset=self.dataset, alpha=self.alpha, seed=s, hp=resolved, **settings)
@@ -322,7 +322,7 @@ def tuned_configs(plan: Any, results: Path) -> list[RunConfig]:
                 values = json.loads(study["chosen"])
                 spec_attrs = optuna_attrs(storage, study["study"])
                 hp = {**spec_attrs["base_hp"], **{k: v for k, v in values.items() if k != LR}}
-                resolved = dataclasses.asdict(resolve_hyperparams(get_algorithm(algo), hp))
+                resolved = recorded_hyperparams(resolve_hyperparams(get_algorithm(algo), hp))
                 lr = values.get(LR, settings.get(LR, RunConfig.lr))
                 final = {**settings, LR: lr, "tuned_budget": int(study["budget"]), "tuned_study": study["study"]}
                 configs += [RunConfig(algo=algo, dataset=dataset, alpha=alpha, seed=s, hp=resolved, **final)
