@@ -35,7 +35,10 @@ Schedule per round t, for each sampled client i (S the sampled set, N the run's 
    about that factor; the paper and PFLlib have no momentum and FL-bench leaves the formula as it
    is, as we do by default (`cv_lr="lr"`; the engine's default momentum 0 is the paper's
    setting). `cv_lr="effective"` divides by K lr / (1 - beta) instead, so that c_i estimates the
-   mean corrected gradient under momentum too; it is this benchmark's option, in no reference.
+   mean corrected gradient under momentum too; it is this benchmark's option, in no reference. On
+   the committed CIFAR-10 grid (Dir(0.1), lr 0.01, momentum 0.7, seed 42) the default's loss
+   turned NaN in round 16, on the CPU and on a GPU alike, while `effective` trained to 37.49%
+   (FedAvg 33.67% on that seed).
 4. up: Delta y = y - x and Delta c = c_i+ - c_i. Delta y travels as y itself (the same bytes; the
    server, which holds x, forms y - x), which makes global_lr = 1 bit-identical to a mean of the
    models. Both are in the upload payload, so the engine counts them.
