@@ -232,7 +232,7 @@ def leaderboard(results: PathLike = "results") -> pd.DataFrame:
 def compare(a: str, b: str, results: PathLike = "results", dataset: str | None = None,
             alphas: list[float] | None = None) -> pd.DataFrame:
     """A minus B, paired by seed and client, in every cell where both ran (see `pflbench compare`)."""
-    from pflbench.analysis.statistics import compare as compare_entries, final_clients
+    from pflbench.analysis.statistics import FINE_TUNED, compare as compare_entries, final_clients, with_fine_tuned
 
     runs = _stored_runs(results)
     runs = runs[runs["status"] == "ok"] if len(runs) else runs
@@ -242,8 +242,11 @@ def compare(a: str, b: str, results: PathLike = "results", dataset: str | None =
         runs = runs[runs["alpha"].isin(alphas)]
     if runs.empty:
         raise UserError(f"no finished runs in {results} match --dataset/--alpha")
+    rows = final_clients(runs)
+    if any(name.endswith(FINE_TUNED) for name in (a, b)):
+        rows = with_fine_tuned(rows, final_clients(runs, "_ft"))
     try:
-        return compare_entries(final_clients(runs), a, b)
+        return compare_entries(rows, a, b)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

@@ -265,7 +265,8 @@ def report(
 @app.command()
 @user_errors
 def compare(
-    a: str = typer.Argument(..., help="An algorithm (or algo[hp] where it ran with several settings)."),
+    a: str = typer.Argument(..., help="An algorithm (or algo[hp] where it ran with several settings); "
+                            "append :ft for its accuracy after --finetune-epochs."),
     b: str = typer.Argument(..., help="The algorithm to compare it with."),
     results: Path = typer.Option(Path("results"), help="Results folder with runs/."),
     dataset: Optional[str] = typer.Option(None, help="Only this dataset."),

@@ -29,6 +29,17 @@ def test_the_authors_fedobp_grid_reaches_their_configuration():
     assert {k: config.hp[k] for k in ("score", "ema", "first")} == {"score": "abs_prod", "ema": 0.5, "first": "init"}
 
 
+def test_the_finetune_grid_is_the_fmnist_grid_with_fine_tuning():
+    load_algorithms()
+    base = build_plan(None, GRIDS[0].with_name("fmnist.toml"), {}, [])
+    tuned = build_plan(None, GRIDS[0].with_name("fmnist-finetune.toml"), {}, [])
+    assert tuned.settings == {**base.settings, "finetune_epochs": 1}
+    assert (tuned.datasets, tuned.alphas, tuned.seeds) == (base.datasets, base.alphas, base.seeds)
+    by_algo = {c.algo: c for c in tuned.configs()}
+    assert by_algo["scaffold"].hp["cv_lr"] == "effective"
+    assert {"fedavg", "scaffold", "moon", "feddyn"} <= set(by_algo)
+
+
 @pytest.mark.parametrize("grid", GRIDS, ids=[g.stem for g in GRIDS])
 def test_grid_search_tables_resolve_to_studies(grid):
     from pflbench.core.search import Fixed

@@ -142,6 +142,23 @@ def test_compare_pairs_shared_seeds_per_cell_and_refuses_cells_it_cannot_pair():
         compare(apart, "a", "b")
 
 
+def test_compare_takes_an_entrys_fine_tuned_counts_by_its_ft_name():
+    from pflbench.analysis.statistics import compare, with_fine_tuned
+
+    n, base = toy_counts()
+    tuned = np.minimum(base + 4, n)
+    plain = pd.concat([rows("fedavg", base, n), rows("fedper", base, n)])
+    both = with_fine_tuned(plain, rows("fedavg", tuned, n))
+    gain = compare(both, "fedavg:ft", "fedavg").iloc[0]
+    assert gain["diff"] == pytest.approx(100.0 * (tuned.sum(1) - base.sum(1)).dot(1.0 / n.sum(1)) / 3)
+    assert gain["acc_fedavg"] == pytest.approx(compare(plain, "fedavg", "fedper").iloc[0]["acc_fedavg"])
+    # the same counts under another name: a tie, exactly
+    same = compare(with_fine_tuned(plain, rows("fedavg", base, n)), "fedavg:ft", "fedper").iloc[0]
+    assert same["diff"] == 0.0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="needs runs trained with --finetune-epochs"):
+        compare(both, "fedper:ft", "fedavg")
+
+
 def test_figure_rows_say_their_seed_count_only_where_a_cell_mixes_counts():
     from pflbench.analysis.report import labels_with_seeds
 

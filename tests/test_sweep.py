@@ -121,6 +121,16 @@ def test_leaderboard_averages_seeds(tmp_path):
     assert row["acc_ci_low"] < row["acc"] < row["acc_ci_high"]
 
 
+def test_compare_pairs_fedavg_fine_tuned_with_its_own_global_model(tmp_path):
+    run_sweep(tiny_plan(algos=["fedavg"], alphas=[0.5], seeds=(0,), clients=8, finetune_epochs=1), tmp_path, NO_DATA)
+    row = long_leaderboard(load_runs(tmp_path)).iloc[0]
+    result = CliRunner().invoke(app, ["compare", "fedavg:ft", "fedavg", "--results", str(tmp_path), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(io.StringIO(result.output))
+    assert table["diff"].iloc[0] == pytest.approx(row["acc_ft"] - row["acc"], abs=1e-4)  # csv: 4 decimals
+    assert table["acc_fedavg:ft"].iloc[0] == pytest.approx(row["acc_ft"], abs=1e-4)
+
+
 def test_a_one_seed_cell_has_an_empty_std_and_an_interval_from_its_clients(tmp_path):
     run_sweep(tiny_plan(algos=["fedavg", "local"], alphas=[0.5], seeds=(0,), clients=8), tmp_path, NO_DATA)
     board = long_leaderboard(load_runs(tmp_path)).set_index("algo")

@@ -354,17 +354,30 @@ def win_tie_loss(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- two algorithms, cell by cell -------------------------------------------------------------------
+FINE_TUNED = ":ft"  # `fedavg:ft` names FedAvg's accuracy after the run's --finetune-epochs (acc_ft)
+
+
+def with_fine_tuned(rows: pd.DataFrame, fine_tuned: pd.DataFrame) -> pd.DataFrame:
+    """`rows` (as `final_clients` gives them) and `fine_tuned` (`final_clients(runs, "_ft")`), the
+    latter as entries of their own, named `algo:ft` by `compare`. The two come from the same runs,
+    so `compare` pairs a global method's fine-tuned model with a personalized method (FedAvg-FT
+    against FedPer) or with its own model before fine-tuning, seed by seed and client by client."""
+    return pd.concat([rows.assign(after=""), fine_tuned.assign(after=FINE_TUNED)], ignore_index=True)
+
+
 def compare(rows: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """A minus B in every cell of `rows` (per-client counts) where both ran, paired on their
     shared seeds: accuracies, difference, 95% interval, p-value (and Holm-adjusted over the
     cells listed), seeds won, and the shares of (seed, client) pairs A wins and ties. `a` and `b`
     name entries as `entry_labels` does (the algorithm, or `algo[hp]` where it ran with several
-    hyperparameter settings). Raises ValueError naming what is wrong."""
-    labelled = rows.assign(entry=entry_labels(rows))
+    hyperparameter settings), followed by `:ft` for the rows `with_fine_tuned` added. Raises
+    ValueError naming what is wrong."""
+    labelled = rows.assign(entry=entry_labels(rows) + rows.get("after", ""))
     known = sorted(labelled["entry"].unique())
     for name in (a, b):
         if name not in known:
-            raise ValueError(f"no runs of '{name}' in these results; they hold: {', '.join(known)}")
+            hint = " (':ft' needs runs trained with --finetune-epochs)" if name.endswith(FINE_TUNED) else ""
+            raise ValueError(f"no runs of '{name}' in these results{hint}; they hold: {', '.join(known)}")
     if a == b:
         raise ValueError("compare two different algorithms")
     out = []
