@@ -76,6 +76,20 @@ def test_bad_sweep_hyperparameters_are_user_errors(hp, message):
     assert message in str(err.value)
 
 
+def test_a_files_hyperparameters_for_algorithms_algos_leaves_out_stay_with_the_file(tmp_path):
+    load_algorithms()
+    toml = tmp_path / "grid.toml"
+    toml.write_text('algos = "fedavg,scaffold,ditto"\n[hp]\nlam = 0.5\n[hp.scaffold]\ncv_lr = "effective"\n')
+    assert build_plan(None, toml, {}, []).hp == {"lam": "0.5", "scaffold.cv_lr": "effective"}
+    assert build_plan(None, toml, {"algos": "fedavg,ditto"}, []).hp == {"lam": "0.5"}
+    assert build_plan(None, toml, {"algos": "fedavg"}, []).hp == {}
+    with pytest.raises(UserError, match="'scaffold' is not among"):  # a flag the sweep cannot use is a mistake
+        build_plan(None, toml, {"algos": "fedavg"}, ["scaffold.cv_lr=lr"])
+    toml.write_text('algos = "fedavg"\n[hp.scaffold]\ncv_lr = "effective"\n')
+    with pytest.raises(UserError, match="'scaffold' is not among"):  # so is a file's own
+        build_plan(None, toml, {}, [])
+
+
 def test_bad_config_file_is_a_user_error(tmp_path):
     toml = tmp_path / "grid.toml"
     toml.write_text("rounds = 3\nlearning_rate = 0.1\n")

@@ -67,6 +67,13 @@ def hp_for(algo: str, overrides: dict[str, str]) -> dict[str, Any]:
     return recorded_hyperparams(resolve_hyperparams(cls, mine))
 
 
+def hp_owners(key: str, algos: list[str]) -> list[str]:
+    """The algorithms of `algos` that an `--hp` key (`name` or `algo.name`) sets."""
+    scope, _, name = key.rpartition(".")
+    return [a for a in algos if scope in ("", a)
+            and name in {f.name for f in dataclasses.fields(get_algorithm(a).Hyperparams)}]
+
+
 def check_hp_keys(algos: list[str], overrides: dict[str, str]) -> None:
     for key in overrides:
         scope, _, name = key.rpartition(".")
@@ -162,8 +169,10 @@ def build_plan(preset_name: str | None, config_file: Path | None, flags: dict[st
     check_grid_types(merged)
     settings = {k: merged[k] for k in SETTING_KEYS if k in merged}
     resolved_settings(settings)  # a bad setting is an error now, before anything starts
-    hp.update(parse_hp_pairs(hp_pairs))
     algos = expand_algos(merged.get("algos", "all"))
+    check_hp_keys(expand_algos(from_file.get("algos", "all")), hp)
+    hp = {key: value for key, value in hp.items() if hp_owners(key, algos)}  # --algos may narrow the file's
+    hp.update(parse_hp_pairs(hp_pairs))
     check_hp_keys(algos, hp)
     datasets = list(merged["datasets"])
     return SweepPlan(algos=algos, datasets=datasets, alphas=[float(a) for a in merged["alphas"]],
