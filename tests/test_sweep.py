@@ -138,6 +138,7 @@ def test_leaderboard_averages_seeds(tmp_path):
 def test_compare_pairs_fedavg_fine_tuned_with_its_own_global_model(tmp_path):
     run_sweep(tiny_plan(algos=["fedavg"], alphas=[0.5], seeds=(0,), clients=8, finetune_epochs=1), tmp_path, NO_DATA)
     row = long_leaderboard(load_runs(tmp_path)).iloc[0]
+    assert row["protocol"].endswith("-ft1")  # its own protocol, named as fine-tuned
     result = CliRunner().invoke(app, ["compare", "fedavg:ft", "fedavg", "--results", str(tmp_path), "--format", "csv"])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(io.StringIO(result.output))
@@ -181,8 +182,13 @@ def test_report_rebuilds_csvs_and_plots_from_stored_runs(tmp_path):
     assert all(f"]({p.name})" in page for p in reports.glob("*.png"))
     images = {p.name: p.read_bytes() for p in reports.glob("*.png")}
     (results / "leaderboard.csv").unlink()
+    stale, own = reports / "intervals_digits_renamed-protocol_a0.1.png", reports / "my_sketch.png"
+    stale.write_bytes(b"an earlier report's figure")
+    own.write_bytes(b"not the report's")
     CliRunner().invoke(app, ["report", "--results", str(results), "--reports", str(reports)])
     assert (results / "leaderboard.csv").read_text() == long
+    assert not stale.exists() and own.read_bytes() == b"not the report's"  # only the report's own figures go
+    own.unlink()
     # unchanged runs redraw byte-identical images (no churn in a committed reports/ folder)
     assert {p.name: p.read_bytes() for p in reports.glob("*.png")} == images
 

@@ -49,7 +49,9 @@ TIMING = ("wall_s",)
 
 
 def protocol_label(config: dict) -> str:
-    """Readable and unique: e.g. `c50j0.2-r30-e5-fedavgcnn-1a2b3c` (`...-tuned12` for tuned cells)."""
+    """Readable and unique: e.g. `c50j0.2-r30-e5-fedavgcnn-1a2b3c`, marked `-bf16` for bf16 runs,
+    `-ft1` where every client's model is also fine-tuned one epoch at evaluation (`acc_ft`; the
+    training is the same as without it), then the heterogeneity tags, and `-tuned12` for tuned cells."""
     keyed = {k: config[k] for k in PROTOCOL_KEYS}
     keyed.update({k: config[k] for k, default in LATER_PROTOCOL_KEYS.items() if config.get(k, default) != default})
     budget = config.get("tuned_budget", 0)
@@ -58,7 +60,8 @@ def protocol_label(config: dict) -> str:
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
     return (f"c{config['clients']}j{config['join_ratio']:g}-r{config['rounds']}-e{config['local_epochs']}"
             f"-{config['model']}-{digest[:6]}" + (f"-{config['precision']}" if config.get("precision", "fp32") != "fp32"
-                                                  else "") + heterogeneity_tags(config)
+                                                  else "")
+            + (f"-ft{config['finetune_epochs']}" if config.get("finetune_epochs", 0) else "") + heterogeneity_tags(config)
             + (f"-tuned{budget}" if budget else ""))
 
 

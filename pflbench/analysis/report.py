@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -303,7 +304,22 @@ def build_report(results: Path, reports: Path) -> Path:
         page += ["## Failed runs", "", markdown_table(failed[["algo", "dataset", "alpha", "seed", "error"]]), ""]
     path = reports / "README.md"
     write_text(path, "\n".join(page))
+    remove_stale_figures(reports, page)
     return path
+
+
+# the names of the figures `build_report` draws; nothing else in the reports folder is touched
+FIGURE_PREFIXES = ("cd_", "acc_vs_alpha_", "intervals_", "convergence_", "clients_", "partition_", "newcomers_",
+                   "wtl_", "tuning_")
+
+
+def remove_stale_figures(reports: Path, page: list[str]) -> None:
+    """Delete the figures an earlier report drew that this page no longer shows (a protocol renamed,
+    or its runs gone), as `write_leaderboards` does for the tables, so the folder is the report."""
+    shown = set(re.findall(r"\]\(([^)]+\.png)\)", "\n".join(page)))
+    for figure in reports.glob("*.png"):
+        if figure.name.startswith(FIGURE_PREFIXES) and figure.name not in shown:
+            figure.unlink(missing_ok=True)
 
 
 def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.DataFrame, reports: Path) -> list[str]:
