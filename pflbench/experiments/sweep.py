@@ -79,8 +79,7 @@ def check_hp_keys(algos: list[str], overrides: dict[str, str]) -> None:
         scope, _, name = key.rpartition(".")
         if scope and scope not in algos:
             raise UserError(f"--hp {key}: '{scope}' is not among the sweep's algorithms")
-        owners = [a for a in algos if name in {f.name for f in dataclasses.fields(get_algorithm(a).Hyperparams)}]
-        if not owners:
+        if not hp_owners(name, algos):  # any algorithm with the name: a scoped key's own check comes later
             raise UserError(f"--hp {key}: no algorithm in the sweep has a hyperparameter '{name}'")
 
 
