@@ -136,16 +136,11 @@ def sweep_outcome(algos: str | list[str] | None = None, *, datasets: list[str] |
     """`sweep`, returning the outcome (cells trained, skipped, failed) with the leaderboard."""
     from pflbench.analysis.leaderboard import load_runs, long_leaderboard, write_leaderboards
     from pflbench.analysis.report import build_report
-    from pflbench.experiments.sweep import build_plan, run_sweep
+    from pflbench.experiments.sweep import run_sweep
 
     workers = resolve_workers(workers, threads)
     plugins = [str(p) for p in plugins]
-    for message in load_algorithms(plugins):
-        (on_warning or _python_warning)(message)
-    grid = {"algos": algos, "alphas": alphas, "datasets": datasets, "seeds": seeds}
-    flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
-    plan = build_plan(preset, Path(config) if config else None, flags, _hp_pairs(hp))
-    plan.configs()  # every cell's settings are checked before anything is written
+    plan = _sweep_plan(algos, datasets, alphas, seeds, preset, config, hp, plugins, on_warning, settings)
     _check_workers_can_import(plan.algos, workers, executor)
     results = Path(results)
     check_output_folder(results)
@@ -164,6 +159,40 @@ def sweep_outcome(algos: str | list[str] | None = None, *, datasets: list[str] |
     if page is None:
         write_leaderboards(results, board)
     return SweepResult(outcome, board, page)
+
+
+def _sweep_plan(algos: str | list[str] | None, datasets: list[str] | None, alphas: list[float] | None,
+                seeds: list[int] | None, preset: str | None, config: PathLike | None,
+                hp: dict[str, Any] | list[str] | None, plugins: list[str], on_warning: WarnFn | None,
+                settings: dict[str, Any]) -> Any:
+    """The grid a sweep covers (preset, then file, then flags), every cell's settings checked."""
+    from pflbench.experiments.sweep import build_plan
+
+    for message in load_algorithms(plugins):
+        (on_warning or _python_warning)(message)
+    grid = {"algos": algos, "alphas": alphas, "datasets": datasets, "seeds": seeds}
+    flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
+    plan = build_plan(preset, Path(config) if config else None, flags, _hp_pairs(hp))
+    plan.configs()  # every cell's settings are checked before anything is written
+    return plan
+
+
+def sweep_status(algos: str | list[str] | None = None, *, datasets: list[str] | None = None,
+                 alphas: list[float] | None = None, seeds: list[int] | None = None, preset: str | None = None,
+                 config: PathLike | None = None, hp: dict[str, Any] | list[str] | None = None,
+                 results: PathLike = "results", plugins: Iterable[PathLike] = (), retry_failed: bool = False,
+                 tuned: bool = False, on_warning: WarnFn | None = None, **settings: Any) -> Any:
+    """What `sweep` with the same arguments would train, without training or writing anything:
+    the outcome's `planned` cells, `skipped` (already recorded) and `to_train()`. A long grid
+    filled across sessions uses it to see how far it has come."""
+    from pflbench.experiments.sweep import SweepOutcome, grid_configs, split_cells
+
+    plan = _sweep_plan(algos, datasets, alphas, seeds, preset, config, hp, [str(p) for p in plugins],
+                       on_warning, settings)
+    results = Path(results)
+    configs = grid_configs(plan, results, tuned)
+    _, recorded = split_cells(configs, results, retry_failed)
+    return SweepOutcome(planned=configs, ran=[], skipped=recorded)
 
 
 def _hp_pairs(hp: dict[str, Any] | list[str] | None) -> list[str]:
@@ -192,17 +221,11 @@ def tune(budget: int, algos: str | list[str] | None = None, *, tune_seeds: Itera
          on_trial: Callable[..., None] | None = None, on_warning: WarnFn | None = None, **settings: Any) -> pd.DataFrame:
     """Tune every algorithm of the grid with `budget` trials on validation data (see
     `pflbench tune`); returns one row per study with its chosen values."""
-    from pflbench.experiments.sweep import build_plan
     from pflbench.experiments.tuning import run_tuning
 
     workers = resolve_workers(workers, threads)
     plugins = [str(p) for p in plugins]
-    for message in load_algorithms(plugins):
-        (on_warning or _python_warning)(message)
-    grid = {"algos": algos, "alphas": alphas, "datasets": datasets}
-    flags = {k: v for k, v in {**grid, **settings}.items() if v is not None}
-    plan = build_plan(preset, Path(config) if config else None, flags, _hp_pairs(hp))
-    plan.configs()  # every cell's settings are checked before anything is written
+    plan = _sweep_plan(algos, datasets, alphas, None, preset, config, hp, plugins, on_warning, settings)
     for seed in tune_seeds or ():
         check_seed(seed)
     _check_workers_can_import(plan.algos, workers, executor)

@@ -171,6 +171,8 @@ def sweep(
     retry_failed: bool = typer.Option(False, help="Run cells again whose record says failed."),
     tuned: bool = typer.Option(False, help="Use each algorithm's hyperparameters chosen by `pflbench tune` "
                                "(same settings and --results; seeds must differ from the tuning seeds)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say which runs the sweep would train and how many "
+                                 "are recorded; train and write nothing."),
     data_root_: Optional[Path] = DATA_ROOT_OPTION,
     results: Path = typer.Option(Path("results"), help="Results folder (run records and leaderboards)."),
     reports: Path = typer.Option(Path("reports"), help="Reports folder (plots and README.md)."),
@@ -180,6 +182,15 @@ def sweep(
     """Train every algorithm x dataset x alpha x seed not yet done, then rebuild leaderboards and plots."""
     from pflbench import api
 
+    if dry_run:
+        from pflbench.experiments.sweep import pending_summary
+
+        status = api.sweep_status(algos, datasets=datasets or None, alphas=alpha or None, seeds=seeds or None,
+                                  preset=preset, config=config, hp=hp or [], results=results,
+                                  plugins=plugin or (), retry_failed=retry_failed, tuned=tuned,
+                                  on_warning=warn_one, **given(flags))
+        typer.echo("\n".join(pending_summary(status, results)))
+        return
     with SweepProgress() as progress:
         done = api.sweep_outcome(algos, datasets=datasets or None, alphas=alpha or None, seeds=seeds or None,
                                  preset=preset, config=config, hp=hp or [], results=results, reports=reports,

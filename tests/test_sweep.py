@@ -287,3 +287,44 @@ def test_threads_reach_torch_in_each_run(monkeypatch):
         assert list(LocalExecutor(1).run([cell])) == [max(1, os.cpu_count() or 1)]
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_dry_run_lists_exactly_the_cells_a_sweep_would_train_and_writes_nothing(tmp_path):
+    from pflbench.api import sweep_outcome, sweep_status
+    from pflbench.experiments.sweep import pending_summary
+
+    grid = dict(algos="fedavg,local", datasets=["digits"], alphas=[0.1, 0.5], seeds=[0], **TINY)
+    results = tmp_path / "results"
+    status = sweep_status(results=results, **grid)
+    assert len(status.planned) == 4 and not status.skipped and status.to_train() == status.planned
+    assert not results.exists()
+    assert pending_summary(status, results) == [
+        "4 run(s) planned: 0 recorded, 4 to train",
+        "  digits dirichlet alpha=0.1 seed=0: all 2 to train",
+        "  digits dirichlet alpha=0.5 seed=0: all 2 to train"]
+    sweep_outcome(results=results, reports=None, data_root=NO_DATA, **{**grid, "algos": "local", "alphas": [0.5]})
+    status = sweep_status(results=results, **grid)
+    assert [(c.algo, c.alpha) for c in status.to_train()] == [("fedavg", 0.1), ("local", 0.1), ("fedavg", 0.5)]
+    assert pending_summary(status, results) == [
+        "4 run(s) planned: 1 recorded, 3 to train",
+        "  digits dirichlet alpha=0.1 seed=0: all 2 to train",
+        "  digits dirichlet alpha=0.5 seed=0: 1 to train: fedavg"]
+    diverging = {**grid, "algos": "fedavg", "lr": 1e12}  # failed records: recorded, unless retried
+    sweep_outcome(results=results, reports=None, data_root=NO_DATA, **diverging)
+    assert pending_summary(sweep_status(results=results, **diverging), results) == [
+        "2 run(s) planned: 2 recorded (2 failed), 0 to train"]
+    assert len(sweep_status(results=results, retry_failed=True, **diverging).to_train()) == 2
+    trained = sweep_outcome(results=results, reports=None, data_root=NO_DATA, **grid).outcome
+    assert [r.config.run_id() for r in trained.ran] == [c.run_id() for c in status.to_train()]
+
+
+def test_sweep_dry_run_cli_trains_nothing(tmp_path):
+    results = tmp_path / "results"
+    result = CliRunner().invoke(app, expand_multi_value_flags(
+        ["sweep", "--dry-run", "--algos", "fedavg,fedper", "--alpha", "0.1", "--seeds", "0", "1",
+         "--rounds", "2", "--results", str(results), "--reports", str(tmp_path / "reports")]))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "4 run(s) planned: 0 recorded, 4 to train"
+    assert not results.exists() and not (tmp_path / "reports").exists()
+    bad = CliRunner().invoke(app, ["sweep", "--dry-run", "--algos", "nope"])
+    assert bad.exit_code == 2 and "unknown algorithm 'nope'" in bad.output

@@ -187,15 +187,63 @@ def check_datasets(datasets: list[str], data_root: Path) -> None:
 
 @dataclass
 class SweepOutcome:
+    """The grid's cells (`planned`), the records trained (`ran`) and the cells already recorded
+    (`skipped`); a dry run trains nothing, so `ran` is empty and `to_train` is what it would train."""
+
     planned: list[RunConfig]
     ran: list[RunRecord]
     skipped: list[RunConfig]
+
+    def to_train(self) -> list[RunConfig]:
+        skipped = {c.run_id() for c in self.skipped}
+        return [c for c in self.planned if c.run_id() not in skipped]
 
     def failed(self, results: Path) -> list[RunConfig]:
         return [c for c in self.planned if run_status(results, c.run_id()) == "failed"]
 
     def missing(self, results: Path) -> list[RunConfig]:
         return [c for c in self.planned if run_status(results, c.run_id()) is None]
+
+
+def grid_configs(plan: SweepPlan, results: Path, tuned: bool = False) -> list[RunConfig]:
+    """The plan's cells; `tuned`: with each algorithm's hyperparameters chosen by `pflbench tune`
+    in the same results folder (:func:`pflbench.experiments.tuning.tuned_configs`)."""
+    if not tuned:
+        return plan.configs()
+    from pflbench.experiments.tuning import tuned_configs
+
+    return tuned_configs(plan, results)
+
+
+def split_cells(configs: list[RunConfig], results: Path,
+                retry_failed: bool = False) -> tuple[list[RunConfig], list[RunConfig]]:
+    """(to train, already recorded): a cell is recorded when its record says ok, or failed
+    unless `retry_failed`; a cell with no finished record (never run, or cut off) is trained."""
+    recorded = {"ok", "failed"} if not retry_failed else {"ok"}
+    done = [run_status(results, c.run_id()) in recorded for c in configs]
+    return ([c for c, d in zip(configs, done) if not d], [c for c, d in zip(configs, done) if d])
+
+
+def pending_summary(outcome: SweepOutcome, results: Path) -> list[str]:
+    """A dry run's report: one line of counts, then per dataset x partition x alpha x seed the
+    algorithms still to train ("all N" where none of the group's is recorded)."""
+    todo = outcome.to_train()
+    todo_ids = {c.run_id() for c in todo}
+    failed = len(outcome.failed(results))
+    lines = [f"{len(outcome.planned)} run(s) planned: {len(outcome.skipped)} recorded"
+             f"{f' ({failed} failed)' if failed else ''}, {len(todo)} to train"]
+    groups: dict[tuple, list[str]] = {}
+    sizes: dict[tuple, int] = {}
+    for c in outcome.planned:
+        key = (c.dataset, c.partition, c.alpha, c.seed)
+        sizes[key] = sizes.get(key, 0) + 1
+        if c.run_id() in todo_ids:
+            groups.setdefault(key, []).append(c.algo)
+    for (dataset, partition, alpha, seed), algos in groups.items():
+        names = "" if len(algos) == sizes[(dataset, partition, alpha, seed)] else f": {', '.join(algos)}"
+        every = "all " if not names else ""
+        lines.append(f"  {dataset} {partition} alpha={alpha:g} seed={seed}: {every}{len(algos)} to train{names}")
+    return lines
 
 
 def run_sweep(plan: SweepPlan, results: Path, data_root: Path, executor: str = "local", workers: int = 1,
@@ -207,16 +255,9 @@ def run_sweep(plan: SweepPlan, results: Path, data_root: Path, executor: str = "
     as it arrives. `tuned`: the cells take each algorithm's hyperparameters chosen by `pflbench
     tune` in the same results folder (:func:`pflbench.experiments.tuning.tuned_configs`)."""
     check_datasets(plan.datasets, data_root)
-    if tuned:
-        from pflbench.experiments.tuning import tuned_configs
-
-        configs = tuned_configs(plan, results)
-    else:
-        configs = plan.configs()
+    configs = grid_configs(plan, results, tuned)
     remove_stale_staging(results)
-    wanted = {"ok", "failed"} if not retry_failed else {"ok"}
-    todo = [c for c in configs if run_status(results, c.run_id()) not in wanted]
-    skipped = [c for c in configs if c not in todo]
+    todo, skipped = split_cells(configs, results, retry_failed)
     if on_start:
         on_start(len(todo), len(skipped))
     cache = Path(results) / ".cache" / "partitions"
