@@ -12,7 +12,13 @@ from pflbench.core.registry import ALGORITHMS, load_algorithms
 from pflbench.experiments.config import RunConfig
 
 load_algorithms()
-ACC_TOL = 2.0  # points of pooled accuracy after two rounds on digits (measured: at most 0.3)
+# After two rounds on digits many test predictions sit on near-tied logits, so a few flipped samples
+# move the pooled accuracy by points while the test loss, smooth in the same logits, barely moves.
+# Measured on a CPU with native bf16 instructions (avx512_bf16): loss within 1.9% for every
+# algorithm; accuracy within 0.7 points except GPFL, 4.45 (its fp32 accuracy swings by as much
+# between rounds 2 and 3); on a CPU without them, accuracy within 0.3.
+LOSS_RTOL = 0.05
+ACC_TOL = 10.0  # a sanity bound: a bf16 path that does not train lands tens of points away
 
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))
@@ -20,6 +26,7 @@ def test_every_algorithm_trains_in_bf16_next_to_fp32(algo):
     config = small_config(algo=algo, rounds=2, clients=4)
     fp32 = make_engine(config).run()
     bf16 = make_engine(config.replace(precision="bf16")).run()
+    assert bf16.summary["loss"] == pytest.approx(fp32.summary["loss"], rel=LOSS_RTOL)
     assert abs(fp32.summary["acc"] - bf16.summary["acc"]) <= ACC_TOL
     # training moves the model it trains: round 1's loss is fp32's, not that of frozen weights
     # (autocast's weight-cast cache, left on across optimizer steps, gives the loss at init)
