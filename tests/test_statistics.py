@@ -7,18 +7,21 @@ import pytest
 from scipy import stats
 
 from pflbench.analysis.statistics import (Counts, bootstrap_interval, cell_statistics, friedman_from_mean_ranks,
-                                 nemenyi_critical_difference, paired_difference, rank_test, win_tie_loss)
+                                          nemenyi_critical_difference, paired_difference, rank_test,
+                                          seed_adjusted_means, win_tie_loss)
 
 CELL = {"dataset": "toy", "partition": "dirichlet", "alpha": 0.1, "protocol": "p"}
 
 
-def rows(algo, correct, n, hp=""):
-    """Per-client rows of one entry: `correct` and `n` are (seeds x clients) arrays."""
+def rows(algo, correct, n, hp="", seeds=None):
+    """Per-client rows of one entry: `correct` and `n` are (seeds x clients) arrays; the seeds are
+    40, 41, ... unless given."""
     correct, n = np.asarray(correct), np.asarray(n)
+    seeds = list(range(40, 40 + correct.shape[0])) if seeds is None else seeds
     out = []
     for s in range(correct.shape[0]):
         for c in range(correct.shape[1]):
-            out.append({**CELL, "algo": algo, "hp": hp, "seed": 40 + s, "client": c,
+            out.append({**CELL, "algo": algo, "hp": hp, "seed": seeds[s], "client": c,
                         "n": int(n[s, c]), "correct": int(correct[s, c])})
     return pd.DataFrame(out)
 
@@ -166,3 +169,42 @@ def test_figure_rows_say_their_seed_count_only_where_a_cell_mixes_counts():
     assert labels_with_seeds(mixed) == ["fedavg (3 seeds)", "fedper (1 seed)", "local (2 seeds)"]
     even = mixed.assign(seeds=3)
     assert labels_with_seeds(even) == ["fedavg", "fedper", "local"]
+
+
+def spread(totals, clients=10, per_client=10):
+    """(seeds x clients) correct counts with the given total per seed (each client 10 tests)."""
+    return np.array([[total // clients + (c < total % clients) for c in range(clients)] for total in totals])
+
+
+def test_a_cell_with_equal_seeds_adjusts_nothing():
+    n, correct = toy_counts()
+    other = np.minimum(correct + 2, n)
+    table = cell_statistics(pd.concat([rows("a", correct, n), rows("b", other, n)])).set_index("algo")
+    for algo, counts in (("a", correct), ("b", other)):
+        assert table.loc[algo, "acc_adj"] == float((100.0 * counts.sum(1) / n.sum(1)).mean())
+
+
+def test_seed_adjusted_accuracy_recovers_an_additive_truth_the_plain_mean_gets_wrong():
+    # per-seed accuracy = entry effect + seed effect exactly: seed 41 is 20 points easier than 40;
+    # on seed 40, a 60, b 55, c 50. a ran only seed 40, so its plain mean (60) sits below b's (65).
+    n1, n2 = np.full((1, 10), 10), np.full((2, 10), 10)
+    records = pd.concat([rows("a", spread([60]), n1, seeds=[40]),
+                         rows("b", spread([55, 75]), n2, seeds=[40, 41]),
+                         rows("c", spread([50, 70]), n2, seeds=[40, 41])])
+    table = cell_statistics(records).set_index("algo")
+    assert table["acc_adj"].to_dict() == pytest.approx({"a": 70.0, "b": 65.0, "c": 60.0}, abs=1e-9)
+    assert table["best_entry"].iloc[0] == "a"  # the plain means would have made it b
+    assert table.loc["b", "diff_vs_best"] == pytest.approx(-5.0)  # paired on the shared seed 40
+    entries = {("a", ""): Counts.of(rows("a", spread([60]), n1, seeds=[40])),
+               ("b", ""): Counts.of(rows("b", spread([75]), n1, seeds=[41]))}
+    # no shared seed connects a and b: nothing to estimate the seed effect from, plain means
+    assert seed_adjusted_means(entries) == {("a", ""): 60.0, ("b", ""): 75.0}
+
+
+def test_cell_ranks_follow_the_seed_adjusted_accuracy():
+    from pflbench.analysis.leaderboard import cell_ranks
+
+    board = pd.DataFrame([{**CELL, "algo": a, "hp": "", "acc": acc, "acc_adj": adj, "tied_best": False}
+                          for a, acc, adj in (("a", 60.0, 70.0), ("b", 65.0, 65.0), ("c", 60.0, 60.0))])
+    assert cell_ranks(board).tolist() == [1, 2, 3]
+    assert cell_ranks(board.drop(columns="acc_adj")).tolist() == [2, 1, 2]

@@ -31,7 +31,7 @@ import pandas as pd
 
 from pflbench.atomic import write_text
 from pflbench.analysis.published import attach_published, is_paper_protocol
-from pflbench.analysis.statistics import CELL, leaderboard_statistics, rank_test
+from pflbench.analysis.statistics import CELL, leaderboard_statistics, rank_test, ranking_value
 from pflbench.experiments.config import protocol_key
 from pflbench.experiments.records import RUNS
 
@@ -132,7 +132,7 @@ def long_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     board = board.merge(leaderboard_statistics(runs), how="left", on=GROUP)
     board["rank"] = cell_ranks(board)
     board = attach_published(board)
-    return board.sort_values(["dataset", "protocol", "partition", "alpha", "acc"],
+    return board.sort_values(["dataset", "protocol", "partition", "alpha", ranking_value(board)],
                              ascending=[True, True, True, True, False]).reset_index(drop=True)
 
 
@@ -147,8 +147,8 @@ def relative_to_fedavg(board: pd.DataFrame, column: str = "grad_evals") -> pd.Se
 
 def cell_ranks(board: pd.DataFrame) -> pd.Series:
     """Rank within each cell with ties: every algorithm tied with the best (not significantly
-    worse) is 1; the others follow by accuracy (competition ranking)."""
-    ranks = board.groupby(CELL, dropna=False)["acc"].rank(ascending=False, method="min")
+    worse) is 1; the others follow by seed-adjusted accuracy (competition ranking)."""
+    ranks = board.groupby(CELL, dropna=False)[ranking_value(board)].rank(ascending=False, method="min")
     if "tied_best" in board:
         tied = board["tied_best"].fillna(False).astype(bool)
         ranks = ranks.where(~tied, 1.0)
@@ -166,7 +166,7 @@ def wide_leaderboard(board: pd.DataFrame) -> pd.DataFrame:
     labelled = board.assign(column=board.apply(column_label, axis=1))
     wide = labelled.pivot_table(index=["algo", "hp"], columns="column", values="acc")
     ranks = labelled.pivot_table(index=["algo", "hp"], columns="column", values="rank")
-    average = labelled.assign(avg_rank=labelled.groupby(CELL, dropna=False)["acc"].rank(ascending=False))
+    average = labelled.assign(avg_rank=labelled.groupby(CELL, dropna=False)[ranking_value(board)].rank(ascending=False))
     mean_rank = average.pivot_table(index=["algo", "hp"], columns="column", values="avg_rank").mean(axis=1)
     out = pd.DataFrame(index=wide.index)
     for column in wide.columns:

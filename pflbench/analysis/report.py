@@ -236,7 +236,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-DETAIL = ["algo", "seeds", "acc", "acc_ci_low", "acc_ci_high", "acc_std", "rank", "tied_best", "diff_vs_best",
+DETAIL = ["algo", "seeds", "acc", "acc_ci_low", "acc_ci_high", "acc_std", "acc_adj", "rank", "tied_best", "diff_vs_best",
           "p_vs_best", "p_vs_fedavg", "p_vs_local", "acc_client_mean", "acc_client_p10", "best_acc", "acc_ft",
           "acc_new", "acc_new_ci_low", "acc_new_ci_high", "acc_new_ft", "participation_gap", "comm_mb", "grad_evals_vs_fedavg", "eval_adapt"]
 
@@ -244,7 +244,9 @@ HOW_TO_READ = (
     "How to read this page. `acc` is pooled accuracy (correct / test samples over all clients) at the final "
     "evaluation, averaged over seeds; `acc_ci_low`-`acc_ci_high` is its 95% interval from a bootstrap that "
     "resamples seeds and then clients, so even a one-seed cell shows how much its clients alone move it "
-    "(`acc_std`, over seeds, is empty with one seed). Runs with the same seed share the partition, the "
+    "(`acc_std`, over seeds, is empty with one seed). Where the algorithms of a cell ran different seeds "
+    "(a grid still filling), `acc_adj` is shown: the accuracy adjusted for how easy each seed is (the "
+    "least-squares mean of an algorithm-plus-seed model), which picks the best and orders the ranks. Runs with the same seed share the partition, the "
     "initial model and the sampled clients, so algorithms are compared paired by seed and client: "
     "`diff_vs_best` and `p_vs_best` (a paired permutation test, Holm-corrected within the cell) say how far "
     "each algorithm is from the cell's best and whether that gap could be noise; `tied_best` marks every "
@@ -259,6 +261,11 @@ HOW_TO_READ = (
     "trained (`--holdout-clients`), `acc_new` is their accuracy as the algorithm serves a newcomer, "
     "`acc_new_ft` after local fine-tuning, and `participation_gap` is `acc` minus `acc_new`; the "
     "newcomers plot sets the three side by side.")
+
+
+def seeds_differ(detail: pd.DataFrame) -> bool:
+    """Whether the cell's entries ran different seeds, so that `acc_adj` differs from `acc`."""
+    return bool((detail["acc_adj"] - detail["acc"]).abs().max() > 1e-6)
 
 
 def settings_line(runs: pd.DataFrame) -> str:
@@ -338,7 +345,7 @@ def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.D
     for (partition, alpha), cell in runs.groupby(["partition", "alpha"]):
         at, where = f"{tag}_{cell_tag(partition, alpha)}", f"{dataset}, {cell_name(partition, alpha)}"
         detail = board[(board["alpha"] == alpha) & (board["partition"] == partition)]
-        columns = [c for c in DETAIL if c in detail] + [c for c in detail if c.startswith(("published_", "best_acc_vs_"))]
+        columns = [c for c in DETAIL if c in detail and (c != "acc_adj" or seeds_differ(detail))] + [c for c in detail if c.startswith(("published_", "best_acc_vs_"))]
         figures = [
             intervals(detail, f"{where}: accuracy and 95% intervals", reports / f"intervals_{at}.png"),
             convergence(cell, f"{where}: convergence", reports / f"convergence_{at}.png"),

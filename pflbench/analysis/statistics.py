@@ -20,6 +20,16 @@ Which question each figure answers:
   against the cell's best, against FedAvg, against Local.
 - Which algorithms are indistinguishable from the best? `tied_best`: the best and every algorithm
   whose Holm-corrected p-value against it is at least 0.05.
+- Which is the best, and in what order, when entries ran different seeds (a grid filled over
+  time, or more seeds for one method)? Seeds differ in difficulty (the partition and the clients
+  sampled change with the seed), so a plain mean favours an entry whose extra seed is an easy one.
+  `acc_adj` is each entry's least-squares mean under the additive model acc[entry, seed] =
+  entry effect + seed effect (the two-way model without interaction of a block design with
+  missing cells; Searle, Speed and Milliken 1980's population marginal means), fitted to the
+  per-seed pooled accuracies by numpy's least squares: the accuracy the entry would average over
+  all the cell's seeds. Where every entry ran the same seeds it is exactly `acc`; where the seeds
+  do not connect the entries (no chain of shared seeds) the effects are not estimable and it is
+  `acc`. The best, the ranks and the Friedman test use `acc_adj`.
 - Across many cells (datasets x partitions x alphas of one protocol)? Mean ranks (ties averaged),
   the Friedman test (scipy.stats.friedmanchisquare) on the algorithms present in every cell, and
   the Nemenyi post-hoc test (scikit-posthocs) with its critical difference (Demsar 2006).
@@ -185,6 +195,38 @@ def holm(p_values: list[float]) -> list[float]:
     return multipletests(p_values, method="holm")[1].tolist()
 
 
+def per_seed_pooled(counts: Counts) -> np.ndarray:
+    """Pooled accuracy (%) of each of the entry's seeds."""
+    return 100.0 * counts.correct.sum(1) / counts.n.sum(1)
+
+
+def seed_adjusted_means(entries: dict[tuple[str, str], Counts]) -> dict[tuple[str, str], float]:
+    """Least-squares means of the additive model acc[e, s] = a_e + b_s over the observed (entry,
+    seed) pairs, averaged over the cell's seeds (see the module docstring). The plain seed means
+    where every entry ran the same seeds, or where the design is not connected."""
+    plain = {key: float(per_seed_pooled(c).mean()) for key, c in entries.items()}
+    seed_sets = {tuple(c.seeds) for c in entries.values()}
+    if len(seed_sets) <= 1:
+        return plain
+    keys = list(entries)
+    seeds = sorted({seed for c in entries.values() for seed in c.seeds})
+    rows, y = [], []
+    for e, key in enumerate(keys):
+        for seed, acc in zip(entries[key].seeds, per_seed_pooled(entries[key])):
+            row = np.zeros(len(keys) + len(seeds) - 1)
+            row[e] = 1.0
+            if seed != seeds[0]:  # the first seed is the reference level: b = 0
+                row[len(keys) + seeds.index(seed) - 1] = 1.0
+            rows.append(row)
+            y.append(acc)
+    design = np.array(rows)
+    if np.linalg.matrix_rank(design) < design.shape[1]:  # not connected: effects not estimable
+        return plain
+    coef = np.linalg.lstsq(design, np.array(y), rcond=None)[0]
+    seed_effect = np.concatenate([[0.0], coef[len(keys):]]).mean()
+    return {key: float(coef[e] + seed_effect) for e, key in enumerate(keys)}
+
+
 # -- one cell ---------------------------------------------------------------------------------------
 def entry_label(algo: str, hp: str) -> str:
     return algo if not hp else f"{algo}[{hp}]"
@@ -207,7 +249,9 @@ def cell_statistics(rows: pd.DataFrame) -> pd.DataFrame:
         c_low, c_high = bootstrap_interval(counts, "client_mean")
         out[key].update(acc_ci_low=low, acc_ci_high=high, acc_client_mean_ci_low=c_low,
                         acc_client_mean_ci_high=c_high)
-    means = {key: float(pooled(c.n, c.correct)) for key, c in entries.items()}
+    means = seed_adjusted_means(entries)
+    for key, mean in means.items():
+        out[key]["acc_adj"] = mean
     best = max(means, key=lambda k: (means[k], k))
     references = {"best": best}
     for algo in ("fedavg", "local"):
@@ -294,12 +338,18 @@ class RankTest:
     posthoc: pd.DataFrame  # Nemenyi p-values, entries x entries
 
 
-def rank_test(board: pd.DataFrame, value: str = "acc") -> RankTest | None:
+def ranking_value(board: pd.DataFrame) -> str:
+    """The column entries are ranked by: the seed-adjusted accuracy where the board has it."""
+    return "acc_adj" if "acc_adj" in board else "acc"
+
+
+def rank_test(board: pd.DataFrame, value: str | None = None) -> RankTest | None:
     """Friedman and Nemenyi over complete blocks: the entries that ran in every cell (an entry
     missing from some cell, such as an algorithm added later, is left out rather than dropping
     the cells); None when there are fewer than 2 cells or fewer than 3 such entries."""
     import scikit_posthocs
 
+    value = value or ranking_value(board)
     per_cell = board.assign(entry=entry_labels(board)).pivot_table(index=CELL, columns="entry", values=value)
     complete = per_cell.dropna(axis=1)
     if complete.shape[0] < 2 or complete.shape[1] < 3:
