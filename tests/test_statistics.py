@@ -171,8 +171,8 @@ def test_figure_rows_say_their_seed_count_only_where_a_cell_mixes_counts():
     assert labels_with_seeds(even) == ["fedavg", "fedper", "local"]
 
 
-def spread(totals, clients=10, per_client=10):
-    """(seeds x clients) correct counts with the given total per seed (each client 10 tests)."""
+def spread(totals, clients=10):
+    """(seeds x clients) correct counts with the given total per seed, spread evenly over clients."""
     return np.array([[total // clients + (c < total % clients) for c in range(clients)] for total in totals])
 
 
@@ -181,7 +181,13 @@ def test_a_cell_with_equal_seeds_adjusts_nothing():
     other = np.minimum(correct + 2, n)
     table = cell_statistics(pd.concat([rows("a", correct, n), rows("b", other, n)])).set_index("algo")
     for algo, counts in (("a", correct), ("b", other)):
-        assert table.loc[algo, "acc_adj"] == float((100.0 * counts.sum(1) / n.sum(1)).mean())
+        assert table.loc[algo, "acc_adj"] == round(float((100.0 * counts.sum(1) / n.sum(1)).mean()), 9)
+    # equal accuracies from different per-seed values stay exactly tied (no float-rounding order)
+    n2 = np.full((3, 10), 7)  # 70 tests a seed: per-seed accuracies 100 * k / 70 are not exact in floats
+    x, y = spread([20, 20, 27]), spread([27, 20, 20])
+    assert (100.0 * x.sum(1) / 70).mean() != (100.0 * y.sum(1) / 70).mean()  # unrounded, they would differ
+    table = cell_statistics(pd.concat([rows("x", x, n2), rows("y", y, n2)])).set_index("algo")
+    assert table.loc["x", "acc_adj"] == table.loc["y", "acc_adj"] and table.loc["y", "tied_best"]
 
 
 def test_seed_adjusted_accuracy_recovers_an_additive_truth_the_plain_mean_gets_wrong():

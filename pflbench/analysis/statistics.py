@@ -52,6 +52,7 @@ LEVEL = 0.95
 SIGNIFICANCE = 0.05
 RESAMPLES = 4000
 PERMUTATIONS = 9999
+DIGITS = 9  # decimals (of a percentage) that seed-adjusted accuracies keep
 SEED = 20260  # fixed: the same records always give the same intervals and p-values
 
 
@@ -203,8 +204,10 @@ def per_seed_pooled(counts: Counts) -> np.ndarray:
 def seed_adjusted_means(entries: dict[tuple[str, str], Counts]) -> dict[tuple[str, str], float]:
     """Least-squares means of the additive model acc[e, s] = a_e + b_s over the observed (entry,
     seed) pairs, averaged over the cell's seeds (see the module docstring). The plain seed means
-    where every entry ran the same seeds, or where the design is not connected."""
-    plain = {key: float(per_seed_pooled(c).mean()) for key, c in entries.items()}
+    where every entry ran the same seeds, or where the design is not connected. Rounded to 1e-9
+    points, far below the smallest real difference (one test sample), so that entries whose
+    accuracies are equal stay tied instead of being ordered by float rounding."""
+    plain = {key: round(float(per_seed_pooled(c).mean()), DIGITS) for key, c in entries.items()}
     seed_sets = {tuple(c.seeds) for c in entries.values()}
     if len(seed_sets) <= 1:
         return plain
@@ -224,7 +227,7 @@ def seed_adjusted_means(entries: dict[tuple[str, str], Counts]) -> dict[tuple[st
         return plain
     coef = np.linalg.lstsq(design, np.array(y), rcond=None)[0]
     seed_effect = np.concatenate([[0.0], coef[len(keys):]]).mean()
-    return {key: float(coef[e] + seed_effect) for e, key in enumerate(keys)}
+    return {key: round(float(coef[e] + seed_effect), DIGITS) for e, key in enumerate(keys)}
 
 
 # -- one cell ---------------------------------------------------------------------------------------
