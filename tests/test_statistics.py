@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pflbench.analysis.statistics import (Counts, bootstrap_interval, cell_statistics, friedman_from_mean_ranks,
-                                          nemenyi_critical_difference, paired_difference, rank_test,
-                                          seed_adjusted_means, win_tie_loss)
+from pflbench.analysis.ranking import friedman_from_mean_ranks, nemenyi_critical_difference, rank_test, win_tie_loss
+from pflbench.analysis.statistics import (Counts, bootstrap_interval, cell_statistics, paired_difference,
+                                          seed_adjusted_means)
 
 CELL = {"dataset": "toy", "partition": "dirichlet", "alpha": 0.1, "protocol": "p"}
 

@@ -31,7 +31,8 @@ import pandas as pd
 
 from pflbench.atomic import write_text
 from pflbench.analysis.published import attach_published, is_paper_protocol
-from pflbench.analysis.statistics import CELL, leaderboard_statistics, rank_test, ranking_value
+from pflbench.analysis.ranking import rank_test, ranking_value
+from pflbench.analysis.statistics import CELL, leaderboard_statistics
 from pflbench.experiments.config import protocol_key
 from pflbench.experiments.records import RUNS
 

@@ -25,7 +25,8 @@ from pflbench.analysis.leaderboard import (LATER_PROTOCOL_KEYS, SKEW_METRICS, lo
                                            wide_leaderboard, write_leaderboards)
 from pflbench.analysis.tuning_report import tuning_section  # noqa: E402
 from pflbench.core.schemes import ALPHA_SCHEMES  # noqa: E402
-from pflbench.analysis.statistics import entry_labels, final_clients, rank_test, win_tie_loss  # noqa: E402
+from pflbench.analysis.ranking import rank_test, win_tie_loss  # noqa: E402
+from pflbench.analysis.statistics import entry_labels, final_clients  # noqa: E402
 
 MAX_LINES = 8  # accuracy-versus-alpha shows at most this many algorithms (the best by mean rank)
 
