@@ -214,3 +214,23 @@ def test_cell_ranks_follow_the_seed_adjusted_accuracy():
                           for a, acc, adj in (("a", 60.0, 70.0), ("b", 65.0, 65.0), ("c", 60.0, 60.0))])
     assert cell_ranks(board).tolist() == [1, 2, 3]
     assert cell_ranks(board.drop(columns="acc_adj")).tolist() == [2, 1, 2]
+
+
+def test_compare_names_an_algorithm_by_its_bare_name_in_every_cell_where_it_has_one_setting():
+    from pflbench.analysis.statistics import compare
+
+    n, base = toy_counts()
+    better = np.minimum(base + 2, n)
+    default = pd.concat([rows("a", better, n, hp="q=1"), rows("b", base, n)])
+    tuned = pd.concat([rows("a", base, n, hp="tuned"), rows("b", better, n, hp="tuned")]).assign(protocol="p-tuned8")
+    table = compare(pd.concat([default, tuned]), "a", "b").set_index("protocol")
+    assert list(table.index) == ["p", "p-tuned8"]  # untuned against untuned, tuned against tuned
+    assert table.loc["p", "diff"] > 0 > table.loc["p-tuned8", "diff"]
+    only_tuned = compare(pd.concat([default, tuned]), "a[tuned]", "b")
+    assert list(only_tuned["protocol"]) == ["p-tuned8"]
+    assert only_tuned["diff"].iloc[0] == table.loc["p-tuned8", "diff"]
+    # two settings of `a` in one cell: the bare name is ambiguous there, the full names are not
+    two = pd.concat([default, rows("a", base, n, hp="q=2")])
+    with pytest.raises(ValueError, match=r"no runs of 'a' .*they hold: a\[q=1\], a\[q=2\], b"):
+        compare(two, "a", "b")
+    assert compare(two, "a[q=2]", "b")["diff"].iloc[0] == 0.0

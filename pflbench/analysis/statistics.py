@@ -232,10 +232,11 @@ def entry_label(algo: str, hp: str) -> str:
     return algo if not hp else f"{algo}[{hp}]"
 
 
-def entry_labels(frame: pd.DataFrame) -> pd.Series:
-    """A name per row: the algorithm, or `algo[hyperparameters]` where the frame holds the same
-    algorithm with several hyperparameter settings."""
-    several = frame.groupby("algo")["hp"].transform("nunique") > 1
+def entry_labels(frame: pd.DataFrame, within: list[str] | None = None) -> pd.Series:
+    """A name per row: the algorithm, or `algo[hyperparameters]` where the frame (with `within`
+    columns, each group of them: a cell) holds the same algorithm with several hyperparameter
+    settings."""
+    several = frame.groupby([*(within or []), "algo"], dropna=False)["hp"].transform("nunique") > 1
     return pd.Series([entry_label(a, h) if s else a for a, h, s in zip(frame["algo"], frame["hp"], several)],
                      index=frame.index)
 
@@ -326,11 +327,15 @@ def compare(rows: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """A minus B in every cell of `rows` (per-client counts) where both ran, paired on their
     shared seeds: accuracies, difference, 95% interval, p-value (and Holm-adjusted over the
     cells listed), seeds won, and the shares of (seed, client) pairs A wins and ties. `a` and `b`
-    name entries as `entry_labels` does (the algorithm, or `algo[hp]` where it ran with several
-    hyperparameter settings), followed by `:ft` for the rows `with_fine_tuned` added. Raises
-    ValueError naming what is wrong."""
-    labelled = rows.assign(entry=entry_labels(rows) + rows.get("after", ""))
-    known = sorted(labelled["entry"].unique())
+    name entries as `entry_labels` does within each cell (the algorithm, or `algo[hp]` where it
+    ran with several hyperparameter settings in that cell; `algo[hp]` always works), followed by
+    `:ft` for the rows `with_fine_tuned` added: `fedobp` is FedOBP at its defaults in the untuned
+    cells and `fedobp[tuned]` in the tuned ones. Raises ValueError naming what is wrong."""
+    rows = rows.reset_index(drop=True)
+    after = rows["after"] if "after" in rows else ""
+    rows = rows.assign(short=entry_labels(rows, within=CELL) + after,
+                       full=pd.Series(map(entry_label, rows["algo"], rows["hp"]), index=rows.index) + after)
+    known = sorted(set(rows["short"]) | set(rows["full"]))
     for name in (a, b):
         if name not in known:
             hint = " (':ft' needs runs trained with --finetune-epochs)" if name.endswith(FINE_TUNED) else ""
@@ -338,8 +343,8 @@ def compare(rows: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     if a == b:
         raise ValueError("compare two different algorithms")
     out = []
-    for cell, part in labelled.groupby(CELL, sort=True, dropna=False):
-        pa, pb = part[part["entry"] == a], part[part["entry"] == b]
+    for cell, part in rows.groupby(CELL, sort=True, dropna=False):
+        pa, pb = (part[(part["short"] == name) | (part["full"] == name)] for name in (a, b))
         shared = sorted(set(pa["seed"]) & set(pb["seed"]))
         if not shared:
             continue
