@@ -247,8 +247,9 @@ HOW_TO_READ = (
     "resamples seeds and then clients, so even a one-seed cell shows how much its clients alone move it "
     "(`acc_std`, over seeds, is empty with one seed). Where the algorithms of a cell ran different seeds "
     "(a grid still filling), `acc_adj` is shown: the accuracy adjusted for how easy each seed is (the "
-    "least-squares mean of an algorithm-plus-seed model), which picks the best and orders the ranks. Runs with the same seed share the partition, the "
-    "initial model and the sampled clients, so algorithms are compared paired by seed and client: "
+    "least-squares mean of an algorithm-plus-seed model), which picks the best and orders the ranks. "
+    "Runs with the same seed share the partition, the initial model and the sampled clients, so "
+    "algorithms are compared paired by seed and client: "
     "`diff_vs_best` and `p_vs_best` (a paired permutation test, Holm-corrected within the cell) say how far "
     "each algorithm is from the cell's best and whether that gap could be noise; `tied_best` marks every "
     "algorithm not significantly worse than the best, and `rank` gives them all rank 1. In the "
@@ -346,7 +347,8 @@ def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.D
     for (partition, alpha), cell in runs.groupby(["partition", "alpha"]):
         at, where = f"{tag}_{cell_tag(partition, alpha)}", f"{dataset}, {cell_name(partition, alpha)}"
         detail = board[(board["alpha"] == alpha) & (board["partition"] == partition)]
-        columns = [c for c in DETAIL if c in detail and (c != "acc_adj" or seeds_differ(detail))] + [c for c in detail if c.startswith(("published_", "best_acc_vs_"))]
+        columns = ([c for c in DETAIL if c in detail and (c != "acc_adj" or seeds_differ(detail))]
+                   + [c for c in detail if c.startswith(("published_", "best_acc_vs_"))])
         figures = [
             intervals(detail, f"{where}: accuracy and 95% intervals", reports / f"intervals_{at}.png"),
             convergence(cell, f"{where}: convergence", reports / f"convergence_{at}.png"),
