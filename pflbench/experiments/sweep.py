@@ -239,7 +239,7 @@ def pending_summary(outcome: SweepOutcome, results: Path) -> list[str]:
         sizes[key] = sizes.get(key, 0) + 1
         if c.run_id() in todo_ids:
             groups.setdefault(key, []).append(c.algo)
-    for (dataset, partition, alpha, seed), algos in groups.items():
+    for (dataset, partition, alpha, seed), algos in sorted(groups.items()):
         names = "" if len(algos) == sizes[(dataset, partition, alpha, seed)] else f": {', '.join(algos)}"
         every = "all " if not names else ""
         lines.append(f"  {dataset} {partition} alpha={alpha:g} seed={seed}: {every}{len(algos)} to train{names}")
