@@ -48,8 +48,8 @@ authors' loader; the last, partial batch included) of ||grad of the batch's mean
 log-likelihood||^2 over every parameter (body and head), with the model in eval mode. The sum
 grows with the number of batches, as in the references. `fisher = sample`: the empirical Fisher's
 trace, mean over the training samples of ||grad log p(y|x)||^2, from per-sample gradients
-(`torch.func.vmap`, chunked). Either way one forward and backward pass per training sample,
-counted as one sample-gradient per sample.
+(`pflbench.core.fisher`, shared with FedDPA). Either way one forward and backward pass per
+training sample, counted as one sample-gradient per sample.
 
 First participation (`first`): the client has no previous body. `init` (default): its previous
 model is the initial model (authors' code and PFLlib, where every client object starts as a copy
@@ -108,9 +108,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from pflbench.core.algorithm import Accumulator, Algorithm, Upload
+from pflbench.core.fisher import squared_sample_grads
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
 from pflbench.core.state import RunningMean, State, get_state, set_state, subset
@@ -189,8 +189,6 @@ class FedAS(Algorithm):
         self.bodies: dict[int, State] = {}
         self.traces: dict[int, float] = {}  # the client's last Fisher trace (before upload)
         self.last_weights: dict[int, float] = {}
-        n_params = max(1, sum(p.numel() for p in ctx.model.parameters()))
-        self.chunk = max(1, min(1024, (1 << 24) // n_params))  # per-sample gradients held at once
 
     # -- client side ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,15 +242,8 @@ class FedAS(Algorithm):
                 grads = torch.autograd.grad(loss, params)
                 total += sum(g.double().square().sum() for g in grads)
         else:
-            frozen = {n: p.detach() for n, p in named.items()}
-
-            def log_likelihood(p, x, y):
-                return -F.cross_entropy(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
-
-            per_sample = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
-            for take in idx.split(self.chunk):
-                grads = per_sample(frozen, data.x[take], data.y[take])
-                total += sum(g.double().square().sum() for g in grads.values())
+            squares = squared_sample_grads(model, data.x, data.y, idx)
+            total += sum(t.double().sum() for n, t in squares.items() if n in named)
             total /= max(1, len(idx))
         self.ctx.trainer.count_grads(len(idx))  # one forward+backward per training sample
         return float(total)

@@ -86,14 +86,13 @@ paper: value threshold, the two regularized phases; the Fisher is always the cli
 model's.
 
 Cost: each participation computes the Fisher of the client's model from one per-sample gradient
-per training sample (`torch.func.vmap` over chunks of samples), then trains two phases; so a round
-costs 2.5x FedAvg's sample-gradients at 2 local epochs (counted in `grad_evals`), and each
-sample-gradient costs about 2.5x a batched one (benchmarks/bench_algorithms.py: 1.62 s against
-0.65 s per 1,000 on this project's CPU), since a per-sample gradient of every parameter is
-materialized before it is squared, and the two phases' regularizers add a norm over every tensor
-at each step. That overhead is the method's: the Fisher needs per-sample squares, which a batched
-gradient cannot give. (A hook-based factorization for linear layers, sum_i (g_i^2)^T (a_i^2),
-would avoid materializing them; not done here.)
+per training sample (`pflbench.core.fisher`: per layer from its inputs and output gradients, exact,
+1.5 to 2x a batched gradient's cost and 3 to 5x faster than materializing every per-sample
+gradient with `torch.func.vmap`; benchmarks/bench_fisher.py), then trains two phases; so a round costs 2.5x
+FedAvg's sample-gradients at 2 local epochs (counted in `grad_evals`), and 1.3x FedAvg's time per
+sample-gradient (benchmarks/bench_algorithms.py on this project's CPU: 475 against 371 ms per
+1,000; 936 with the vmap Fisher), the two phases' regularizers adding a norm over every tensor at
+each step. Evaluation recomputes every evaluated client's Fisher (`eval_grad_evals`).
 
 Search space (`pflbench tune`, beside the run's learning rate): fisher_threshold in [0.1, 0.9] (the
 FedOBP fork scans the whole of [0, 1]); lam1 and lam2 a decade either side of the authors' code
@@ -110,9 +109,9 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from pflbench.core.algorithm import Algorithm
+from pflbench.core.fisher import squared_sample_grads
 from pflbench.core.masked import Mask, train_elements
 from pflbench.core.registry import register_algorithm
 from pflbench.core.search import Real, tunable
@@ -172,8 +171,6 @@ class FedDPA(Algorithm):
         self.total = sum(p.numel() for p in ctx.model.parameters())
         self.personal_sum = 0.0
         self.starts = 0
-        n_params = max(1, self.total)
-        self.chunk = max(1, min(1024, (1 << 24) // n_params))
 
     def download_keys(self, cid: int) -> tuple[str, ...]:
         return self.all_keys
@@ -184,23 +181,10 @@ class FedDPA(Algorithm):
         model = self.scratch
         set_state(model, local)
         model.eval()
-        params = {n: p.detach() for n, p in model.named_parameters()}
-
-        def log_likelihood(p, x, y):
-            logits = functional_call(model, p, (x.unsqueeze(0),))
-            return -F.cross_entropy(logits, y.unsqueeze(0))  # log p(y | x)
-
-        per_sample = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
-        data = self.ctx.trainer.data
-        idx = self.ctx.clients[cid].train
-        total = {n: torch.zeros_like(p) for n, p in params.items()}
-        for start in range(0, len(idx), self.chunk):
-            take = idx[start:start + self.chunk]
-            grads = per_sample(params, data.x[take], data.y[take])
-            for n, g in grads.items():
-                total[n] += g.square().sum(0)
+        data, idx = self.ctx.trainer.data, self.ctx.clients[cid].train
+        totals = squared_sample_grads(model, data.x, data.y, idx)
         self.ctx.trainer.count_grads(len(idx))  # one per-sample gradient per training sample
-        return {n: t / max(1, len(idx)) for n, t in total.items()}
+        return {n: t / max(1, len(idx)) for n, t in totals.items()}
 
     def local_model(self, cid: int) -> State | None:
         if cid in self.kept:
