@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_report_rebuilds_csvs_and_plots_from_stored_runs(tmp_path):
                     "partition", "partition", "wtl"]
     page = (reports / "README.md").read_text()
     assert all(f"]({p.name})" in page for p in reports.glob("*.png"))
+    assert re.search(r"Compute: 6 runs, [0-9.]+ hours of wall-clock time \((cpu|cuda) [0-9.]+ h over 6\)", page)
     images = {p.name: p.read_bytes() for p in reports.glob("*.png")}
     (results / "leaderboard.csv").unlink()
     stale, own = reports / "intervals_digits_renamed-protocol_a0.1.png", reports / "my_sketch.png"
@@ -328,3 +330,12 @@ def test_sweep_dry_run_cli_trains_nothing(tmp_path):
     assert not results.exists() and not (tmp_path / "reports").exists()
     bad = CliRunner().invoke(app, ["sweep", "--dry-run", "--algos", "nope"])
     assert bad.exit_code == 2 and "unknown algorithm 'nope'" in bad.output
+
+
+def test_each_report_section_states_what_its_runs_cost():
+    from pflbench.analysis.report import compute_line
+
+    runs = pd.DataFrame({"wall_s": [600.0, 1200.0, 60.0, float("nan")], "device": ["cpu", "cpu", "cuda", "cpu"]})
+    assert compute_line(runs) == ("Compute: 3 runs, 0.5 hours of wall-clock time (cpu 0.5 h over 2, cuda 0.0 h "
+                                  "over 1); one run took 1.0 to 20.0 minutes (median 10.0).")
+    assert compute_line(runs.iloc[3:]) == "Compute: not recorded."

@@ -96,7 +96,8 @@ def load_runs(results: Path) -> pd.DataFrame:
     for summary_path in sorted(runs.glob("*/summary.json")) if runs.is_dir() else []:
         try:
             summary = json.loads(summary_path.read_text())
-            config = json.loads((summary_path.parent / "config.json").read_text())["config"]
+            record = json.loads((summary_path.parent / "config.json").read_text())
+            config = record["config"]
         except (OSError, ValueError, KeyError):
             continue
         rows.append({**summary, "run_dir": str(summary_path.parent), "hp": "tuned" if config.get("tuned_budget", 0) else hp_label(config["hp"]),
@@ -104,7 +105,7 @@ def load_runs(results: Path) -> pd.DataFrame:
                      "protocol": protocol_label(config), "clients": config["clients"],
                      "rounds": config["rounds"], "tuned_budget": config.get("tuned_budget", 0),
                      "tuned_study": config.get("tuned_study", ""), "settings_key": protocol_key(config),
-                     "paper_protocol": is_paper_protocol(config)})
+                     "paper_protocol": is_paper_protocol(config), "device": record.get("device") or "unknown"})
     return pd.DataFrame(rows)
 
 

@@ -262,7 +262,8 @@ HOW_TO_READ = (
     "relative to FedAvg's and `eval_adapt` what each algorithm does at test time. Where some clients never "
     "trained (`--holdout-clients`), `acc_new` is their accuracy as the algorithm serves a newcomer, "
     "`acc_new_ft` after local fine-tuning, and `participation_gap` is `acc` minus `acc_new`; the "
-    "newcomers plot sets the three side by side.")
+    "newcomers plot sets the three side by side. Each section's `Compute` line sums its runs' wall-clock "
+    "time (`wall_s` in each record, by device), what the grid cost on whatever machine trained it.")
 
 
 def seeds_differ(detail: pd.DataFrame) -> bool:
@@ -278,6 +279,21 @@ def settings_line(runs: pd.DataFrame) -> str:
     seeds = sorted(runs["seed"].unique())
     return (", ".join(f"{k}={v}" for k, v in [*((k, config[k]) for k in keys), *later.items()])
             + f"; seeds {', '.join(map(str, seeds))}")
+
+
+def compute_line(runs: pd.DataFrame) -> str:
+    """What a section's runs cost: how many, their summed wall-clock time by device, and one run's
+    range, from each record's `wall_s` (a failed run records none, so only finished runs count).
+    Wall-clock, not CPU, time: a run shares its machine with whatever else ran beside it."""
+    timed = runs[runs["wall_s"].notna()] if "wall_s" in runs else runs.iloc[0:0]
+    if timed.empty:
+        return "Compute: not recorded."
+    hours = timed["wall_s"].sum() / 3600
+    by_device = timed["wall_s"].groupby(timed["device"]).agg(["sum", "size"])
+    split = ", ".join(f"{device} {row['sum'] / 3600:.1f} h over {int(row['size'])}" for device, row in by_device.iterrows())
+    minutes = timed["wall_s"] / 60
+    return (f"Compute: {len(timed)} runs, {hours:.1f} hours of wall-clock time ({split}); one run took "
+            f"{minutes.min():.1f} to {minutes.max():.1f} minutes (median {minutes.median():.1f}).")
 
 
 def cell_heading(partition: str, alpha: float, cell: pd.DataFrame) -> str:
@@ -334,7 +350,8 @@ def remove_stale_figures(reports: Path, page: list[str]) -> None:
 def dataset_section(dataset: str, protocol: str, runs: pd.DataFrame, board: pd.DataFrame, reports: Path) -> list[str]:
     tag = f"{dataset}_{protocol}"
     wide = wide_leaderboard(board)
-    page = [f"## {dataset} ({protocol})", "", f"Settings: {settings_line(runs)}.", "", markdown_table(wide), ""]
+    page = [f"## {dataset} ({protocol})", "", f"Settings: {settings_line(runs)}.", "", compute_line(runs), "",
+            markdown_table(wide), ""]
     if runs["alpha"].nunique() > 1:
         cd = critical_difference(board, f"{dataset}: mean rank over {board['alpha'].nunique()} alphas",
                                  reports / f"cd_{tag}.png")
