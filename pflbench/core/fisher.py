@@ -86,9 +86,9 @@ def _chunk_size(per_sample_elements: int, budget: tuple[int, int]) -> int:
 def _by_hooks(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
               index: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """Layer by layer from each layer's input and output gradient; None if a layer ran twice."""
-    layers = {m: name for name, m in model.named_modules() if list(m.parameters(recurse=False))}
-    totals = {m: [torch.zeros_like(p, dtype=torch.float32) for p in m.parameters(recurse=False)]
-              for m in layers}
+    layers = {m: f"{name}." if name else "" for name, m in model.named_modules()
+              if list(m.parameters(recurse=False))}
+    totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
     per_sample = max((m.weight.numel() for m in layers if isinstance(m, nn.Conv2d)), default=1)
     for take in index.split(_chunk_size(3 * per_sample, HOOKS_CHUNK)):
         seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -107,16 +107,10 @@ def _by_hooks(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         outputs = [out for _, _, out in seen]
         for (module, a, _), d in zip(seen, torch.autograd.grad(loss, outputs)):
             weight, bias = _layer_squares(module, a.float(), d.float())
-            totals[module][0] += weight
+            totals[layers[module] + "weight"] += weight
             if module.bias is not None:
-                totals[module][1] += bias
-    result = {}
-    for module, name in layers.items():
-        prefix = f"{name}." if name else ""
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        for n, total in zip(own, totals[module]):
-            result[prefix + n] = total
-    return {n: result[n] for n, _ in model.named_parameters()}
+                totals[layers[module] + "bias"] += bias
+    return totals
 
 
 def _layer_squares(module: nn.Module, a: torch.Tensor,
