@@ -1,8 +1,9 @@
 """Tuning: search spaces, the validation-only objective, equal budgets with failed trials, resume
 after SIGKILL, and the tuned cells of a sweep."""
 
-import json
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import sqlite3
@@ -24,7 +25,10 @@ from pflbench.errors import UserError
 from pflbench.experiments.records import STAGING_PREFIX
 from pflbench.experiments import runner
 from pflbench.experiments.sweep import SweepPlan, build_plan
-from pflbench.experiments.tuning import run_tuning, study_specs, study_spaces, tuned_configs
+from pflbench.experiments import tuning
+from pflbench.experiments.config import LATER_SETTINGS
+from pflbench.experiments.studies import load_study, open_storage
+from pflbench.experiments.tuning import next_trial, run_tuning, study_specs, study_spaces, tuned_configs
 
 NO_DATA = Path("/nonexistent-data-root")
 TINY = {"clients": 4, "rounds": 2, "local_epochs": 1, "eval_every": 1, "batch_size": 32, "lr": 0.05, "model": "mlp"}
@@ -218,6 +222,49 @@ def test_killed_tuning_resumes_to_the_same_choices(tmp_path):
     chosen_full, chosen_cut = (pd.read_csv(r / "tuning" / "chosen.csv") for r in (full, cut))
     pd.testing.assert_frame_equal(chosen_full, chosen_cut)
     assert not list((cut / "tuning" / "runs").glob(".staging-*"))
+
+
+def test_a_trial_killed_while_its_values_are_stored_resumes_with_them(tmp_path, monkeypatch):
+    """Optuna stores a trial's parameters one by one; a kill between two of them must not change
+    what the resumed trial gets (the race behind a rare failure of the SIGKILL test above)."""
+    (spec,) = study_specs(plan(algos=("fedprox",)), (1000,), 0.1)
+    assert len(spec.spaces) == 2  # lr and mu
+
+    def study_after_defaults(name):
+        study = load_study(open_storage(tmp_path / name), spec, budget=5)
+        default = next_trial(study, spec, budget=5)
+        study.tell(default.trial.number, 50.0)
+        return study
+
+    unbroken = next_trial(study_after_defaults("unbroken"), spec, budget=5)
+    study = study_after_defaults("killed")
+    real_suggest_all = tuning.suggest_all
+
+    def killed_after_one_value(trial, spaces):
+        if trial.study._study_id != study._study_id or trial.study._storage is not study._storage:
+            return real_suggest_all(trial, spaces)  # a draw that stores nothing
+        name, space = next(iter(spaces.items()))
+        space.suggest(trial, name)
+        raise KeyboardInterrupt  # the kill, with one of the trial's two values stored
+
+    monkeypatch.setattr(tuning, "suggest_all", killed_after_one_value)
+    with pytest.raises(KeyboardInterrupt):
+        next_trial(study, spec, budget=5)
+    monkeypatch.setattr(tuning, "suggest_all", real_suggest_all)
+    resumed = next_trial(study, spec, budget=5)
+    assert resumed.trial.number == unbroken.trial.number == 1
+    assert resumed.values == unbroken.values
+    assert len(study.get_trials(deepcopy=False)) == 2  # resumed, not asked anew
+
+
+def test_study_names_ignore_settings_added_later_at_their_defaults():
+    """A setting added after studies were committed must not rename them (as with run ids), or a
+    `tune` would start over beside them; a non-default value is a different study."""
+    (spec,) = study_specs(plan(algos=("fedavg",)), (1000,), 0.1)
+    older = {k: v for k, v in spec.settings.items() if k == "val_ratio" or k not in LATER_SETTINGS}
+    assert spec.name == dataclasses.replace(spec, settings=older).name
+    assert spec.name != dataclasses.replace(spec, settings={**spec.settings, "sigma": 2.0}).name
+    assert spec.name != dataclasses.replace(spec, settings={**spec.settings, "val_ratio": 0.2}).name
 
 
 def test_tuned_sweep_runs_the_choices_on_other_seeds(tmp_path):

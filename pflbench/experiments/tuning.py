@@ -12,7 +12,8 @@ Fairness and reproducibility:
   defaults (enqueued), so the report can say how far tuning moved from them.
 - The sampler is TPE, seeded per trial from the study's name and the trial's number and rebuilt
   before each trial: a trial's parameters are a function of the finished trials before it, not
-  of how many processes ran or were killed. The first `studies.STARTUP_TRIALS` trials (the default
+  of how many processes ran or were killed. They are drawn whole and enqueued in one write, so a
+  kill while they are stored leaves nothing half-drawn. The first `studies.STARTUP_TRIALS` trials (the default
   included) are drawn at random, as TPE needs a few points before it models anything.
 - Studies live in SQLite under `<results>/tuning/` (:mod:`pflbench.experiments.studies`) and their run records
   under `<results>/tuning/runs/`: a `tune` killed at any moment resumes the trial it was running
@@ -38,7 +39,7 @@ import pandas as pd
 from pflbench.core.registry import get_algorithm, recorded_hyperparams, resolve_hyperparams
 from pflbench.core.search import Real, Space, override, search_space
 from pflbench.errors import UserError
-from pflbench.experiments.config import RunConfig, protocol_key, resolved_settings
+from pflbench.experiments.config import LATER_SETTINGS, RunConfig, protocol_key, resolved_settings
 from pflbench.experiments.executors import Cell, make_executor
 from pflbench.experiments.records import read_summary, remove_stale_staging, run_dir, write_run
 from pflbench.experiments.studies import (TUNING, import_optuna, finished, load_study, open_storage, optuna_attrs,
@@ -88,6 +89,13 @@ def check_search_table(search: dict[str, Any], algos: list[str]) -> None:
             raise UserError(f"[search] {key}: no algorithm in the grid has a hyperparameter '{key}'")
 
 
+def named_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a study's name hashes: as in run ids, a setting added after studies were
+    committed is left out while it holds its default, so adding a setting never orphans a study
+    (val_ratio predates the studies and stays in their names)."""
+    return {k: v for k, v in settings.items() if k == "val_ratio" or LATER_SETTINGS.get(k, object()) != v}
+
+
 def suggest_all(trial: Any, spaces: dict[str, Space]) -> dict[str, Any]:
     return {name: space.suggest(trial, name) for name, space in spaces.items()}
 
@@ -117,7 +125,7 @@ class StudySpec:
     @property
     def name(self) -> str:
         """Readable, and unique for everything that changes a trial's score."""
-        identity = {"algo": self.algo, "dataset": self.dataset, "alpha": self.alpha, "settings": self.settings,
+        identity = {"algo": self.algo, "dataset": self.dataset, "alpha": self.alpha, "settings": named_settings(self.settings),
                     "hp": self.base_hp, "spaces": {k: repr(v) for k, v in self.spaces.items()},
                     "seeds": list(self.tune_seeds), "val_ratio": self.val_ratio}
         return f"{self.algo}-{self.dataset}-{self.partition_label}-{_digest(identity)[:10]}"
@@ -193,9 +201,23 @@ class PendingTrial:
     error: str | None = None
 
 
+def draw_values(study: Any, spec: StudySpec, number: int) -> dict[str, Any]:
+    """What the sampler seeded for trial `number` draws after the study's finished trials, drawn on
+    an in-memory copy so nothing is stored until the whole draw is known."""
+    optuna = import_optuna()
+    scratch = optuna.create_study(direction="maximize", sampler=sampler_for(spec.name, number))
+    scratch.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    return suggest_all(scratch.ask(), spec.spaces)
+
+
 def next_trial(study: Any, spec: StudySpec, budget: int) -> PendingTrial | None:
     """The trial a killed `tune` left running (same parameters), else a new one; None when the
-    study has its budget."""
+    study has its budget.
+
+    A new trial's values are drawn in full first and enqueued in one write, and the trial is then
+    asked for them as fixed parameters: a kill while its parameters are being stored one by one
+    cannot change what the resumed trial gets (drawing on the stored trial itself would hand the
+    resumed one the sampler's first draws for the parameters not yet stored)."""
     optuna = import_optuna()
     from optuna.trial import TrialState
 
@@ -205,11 +227,12 @@ def next_trial(study: Any, spec: StudySpec, budget: int) -> PendingTrial | None:
     running = [t for t in trials if t.state == TrialState.RUNNING]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the defaults may sit outside a narrowed space
-        if running:
+        if running:  # its values are fixed parameters; the seeded sampler serves a trial stored without
             study.sampler = sampler_for(spec.name, running[0].number)
             trial = optuna.trial.Trial(study, running[0]._trial_id)
         else:
-            study.sampler = sampler_for(spec.name, len(trials))
+            if not any(t.state == TrialState.WAITING for t in trials):  # the defaults wait as trial 0
+                study.enqueue_trial(draw_values(study, spec, len(trials)))
             trial = study.ask()
         values = suggest_all(trial, spec.spaces)
     trial.set_user_attr("values", values)
