@@ -31,6 +31,12 @@ LATER_SETTINGS = {"val_ratio": 0.0, "precision": "fp32", "tuned_budget": 0, "tun
                   "feature_skew": "none", "skew_strength": 0.0, "holdout_clients": 0.0}
 
 
+def without_later_defaults(values: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`values` less the later settings that hold their defaults (those in `keep` stay): what run
+    ids, protocol keys and study names hash, so adding a setting renames none of them."""
+    return {k: v for k, v in values.items() if k in keep or LATER_SETTINGS.get(k, object()) != v}
+
+
 def check_seed(seed: int) -> None:
     """A seed is what numpy's and torch's generators all take: an integer in [0, 2**32)."""
     if not 0 <= seed < 2**32:
@@ -132,7 +138,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
-        values = {k: v for k, v in self.to_dict().items() if LATER_SETTINGS.get(k, object()) != v}
+        values = without_later_defaults(self.to_dict())
         return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
 
     def run_id(self) -> str:
@@ -210,6 +216,6 @@ def resolved_settings(settings: dict[str, Any]) -> dict[str, Any]:
 def protocol_key(settings: dict[str, Any]) -> str:
     """What a tuned cell and its tuning study must share: every setting but the tuning-only ones."""
     # as in run ids, a later setting at its default is left out, so adding a setting keeps studies
-    full = {k: v for k, v in sorted(resolved_settings(settings).items())
-            if k not in NOT_PROTOCOL and LATER_SETTINGS.get(k, object()) != v}
+    full = {k: v for k, v in sorted(without_later_defaults(resolved_settings(settings)).items())
+            if k not in NOT_PROTOCOL}
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]

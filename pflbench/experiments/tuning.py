@@ -39,7 +39,7 @@ import pandas as pd
 from pflbench.core.registry import get_algorithm, recorded_hyperparams, resolve_hyperparams
 from pflbench.core.search import Real, Space, override, search_space
 from pflbench.errors import UserError
-from pflbench.experiments.config import LATER_SETTINGS, RunConfig, protocol_key, resolved_settings
+from pflbench.experiments.config import RunConfig, protocol_key, resolved_settings, without_later_defaults
 from pflbench.experiments.executors import Cell, make_executor
 from pflbench.experiments.records import read_summary, remove_stale_staging, run_dir, write_run
 from pflbench.experiments.studies import (TUNING, import_optuna, finished, load_study, open_storage, optuna_attrs,
@@ -89,13 +89,6 @@ def check_search_table(search: dict[str, Any], algos: list[str]) -> None:
             raise UserError(f"[search] {key}: no algorithm in the grid has a hyperparameter '{key}'")
 
 
-def named_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a study's name hashes: as in run ids, a setting added after studies were
-    committed is left out while it holds its default, so adding a setting never orphans a study
-    (val_ratio predates the studies and stays in their names)."""
-    return {k: v for k, v in settings.items() if k == "val_ratio" or LATER_SETTINGS.get(k, object()) != v}
-
-
 def suggest_all(trial: Any, spaces: dict[str, Space]) -> dict[str, Any]:
     return {name: space.suggest(trial, name) for name, space in spaces.items()}
 
@@ -124,8 +117,11 @@ class StudySpec:
 
     @property
     def name(self) -> str:
-        """Readable, and unique for everything that changes a trial's score."""
-        identity = {"algo": self.algo, "dataset": self.dataset, "alpha": self.alpha, "settings": named_settings(self.settings),
+        """Readable, and unique for everything that changes a trial's score. A setting added after
+        studies were committed is left out at its default, as in run ids, so a `tune` extends a
+        committed study instead of starting another beside it (val_ratio predates the studies)."""
+        settings = without_later_defaults(self.settings, keep=("val_ratio",))
+        identity = {"algo": self.algo, "dataset": self.dataset, "alpha": self.alpha, "settings": settings,
                     "hp": self.base_hp, "spaces": {k: repr(v) for k, v in self.spaces.items()},
                     "seeds": list(self.tune_seeds), "val_ratio": self.val_ratio}
         return f"{self.algo}-{self.dataset}-{self.partition_label}-{_digest(identity)[:10]}"
