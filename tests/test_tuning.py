@@ -267,6 +267,17 @@ def test_study_names_ignore_settings_added_later_at_their_defaults():
     assert spec.name != dataclasses.replace(spec, settings={**spec.settings, "val_ratio": 0.2}).name
 
 
+def test_the_committed_studies_keep_their_names():
+    """`results/tuning` holds studies committed with earlier code: the current code must name them
+    the same, or `pflbench tune` would start over beside them. A change to an algorithm's search
+    space or defaults renames its study, and fails here, which says the committed choice is stale."""
+    chosen = pd.read_csv(Path(__file__).resolve().parents[1] / "results" / "tuning" / "chosen.csv")
+    quick = chosen[chosen.dataset == "digits"]
+    load_algorithms()
+    specs = study_specs(build_plan("quick", None, {"algos": ",".join(sorted(set(quick.algo)))}, []), (1000,), 0.1)
+    assert sorted(spec.name for spec in specs) == sorted(quick.study)
+
+
 def test_tuned_sweep_runs_the_choices_on_other_seeds(tmp_path):
     results = tmp_path / "r"
     run_tuning(plan(), budget=3, tune_seeds=(7,), val_ratio=0.2, results=results, data_root=NO_DATA, workers=1)
