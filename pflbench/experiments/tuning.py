@@ -13,8 +13,8 @@ Fairness and reproducibility:
 - The sampler is TPE, seeded per trial from the study's name and the trial's number and rebuilt
   before each trial: a trial's parameters are a function of the finished trials before it, not
   of how many processes ran or were killed. They are drawn whole and enqueued in one write, so a
-  kill while they are stored leaves nothing half-drawn. The first `studies.STARTUP_TRIALS` trials (the default
-  included) are drawn at random, as TPE needs a few points before it models anything.
+  kill while they are stored leaves nothing half-drawn. The first `studies.STARTUP_TRIALS` trials
+  (the default included) are drawn at random, as TPE needs a few points before it models anything.
 - Studies live in SQLite under `<results>/tuning/` (:mod:`pflbench.experiments.studies`) and their run records
   under `<results>/tuning/runs/`: a `tune` killed at any moment resumes the trial it was running
   (same parameters; its finished runs are not repeated) and never repeats a finished trial.
@@ -223,7 +223,7 @@ def next_trial(study: Any, spec: StudySpec, budget: int) -> PendingTrial | None:
     running = [t for t in trials if t.state == TrialState.RUNNING]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the defaults may sit outside a narrowed space
-        if running:  # its values are fixed parameters; the seeded sampler serves a trial stored without
+        if running:  # its values are fixed; the seeded sampler serves one stored without them (older code)
             study.sampler = sampler_for(spec.name, running[0].number)
             trial = optuna.trial.Trial(study, running[0]._trial_id)
         else:
