@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pflbench.cli import app
@@ -29,6 +30,7 @@ def test_run_writes_config_summary_rounds_clients_and_partition(tmp_path):
         assert key in summary, key
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["clients"] == 4 and config["device"] == "cpu" and "torch" in config["versions"]
+    assert config["threads"] == torch.get_num_threads()  # CPU results repeat bit for bit only at one count
     rounds = pd.read_csv(run / "rounds.csv")
     assert list(rounds["round"]) == [1, 2] and {"train_loss", "elapsed_s", "acc_ft"} <= set(rounds.columns)
     clients = pd.read_csv(run / "clients.csv")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import json
 import os
 import re
 import signal
@@ -289,6 +290,16 @@ def test_threads_reach_torch_in_each_run(monkeypatch):
         assert list(LocalExecutor(1).run([cell])) == [max(1, os.cpu_count() or 1)]
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_record_states_the_thread_count_its_run_trained_with(tmp_path):
+    """CPU kernels reduce in an order that depends on torch's thread count, so a record names the
+    count its own worker process ran (`--threads`), not the sweep's."""
+    outcome = run_sweep(tiny_plan(algos=("fedavg",), alphas=(0.5,)), tmp_path, NO_DATA, workers=2, threads=1)
+    (record,) = outcome.ran
+    assert record.ok and record.threads == 1
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "config.json").read_text())["threads"] == 1
 
 
 def test_a_dry_run_lists_exactly_the_cells_a_sweep_would_train_and_writes_nothing(tmp_path):

@@ -61,6 +61,9 @@ class RunRecord:
     hyperparams: dict[str, Any]
     device: str
     summary: dict[str, Any]
+    # torch's CPU thread count during training: CPU kernels reduce in an order that depends on
+    # it, so a run repeats bit for bit only at the same count (0: not known, a failed run)
+    threads: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)
     clients: list[dict[str, Any]] = field(default_factory=list)
     label_counts: np.ndarray | None = None
@@ -88,7 +91,7 @@ def write_run(results: Path, record: RunRecord) -> Path:
     try:
         write_json(staging / "config.json", {"run_id": config.run_id(), "config": config.to_dict(),
                                              "hyperparams": record.hyperparams, "device": record.device,
-                                             "versions": library_versions()})
+                                             "threads": record.threads, "versions": library_versions()})
         status = {"status": "ok"} if record.ok else {"status": "failed", "error": record.error}
         write_json(staging / "summary.json", {"run_id": config.run_id(), **status, **record.summary})
         if record.ok:

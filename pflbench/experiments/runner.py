@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import torch
 
 from pflbench.core.data import Dataset, load_dataset
 from pflbench.core.engine import Engine, ProgressFn, resolve_device
@@ -65,7 +66,8 @@ def compute_run(config: RunConfig, data_root: Path, device: str = "auto", plugin
     counts = label_counts(labels, splits, data.num_classes)
     summary = {**result.summary, **skew_measures(counts)}
     return RunRecord(config=config, hyperparams=dataclasses.asdict(hyperparams), device=str(torch_device),
-                     summary=summary, rounds=result.rounds, clients=result.clients, label_counts=counts)
+                     threads=torch.get_num_threads(), summary=summary, rounds=result.rounds,
+                     clients=result.clients, label_counts=counts)
 
 
 def partition_cache(results: Path) -> Path:
